@@ -1,0 +1,57 @@
+"""The backend interface: what the MDP, the methods and the trainer need from a model.
+
+A backend owns the pretrained model, the finetuning adapter (its trainable
+parameters), the conditioning (ids into its own table of prompts or classes),
+guidance, and the map from a final state to what the reward sees.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from ..mdp.schedules import NoiseSchedule
+
+
+class Backend(nn.Module, ABC):
+    """ε-prediction model with a switchable finetuning adapter."""
+
+    schedule: NoiseSchedule
+    sample_shape: tuple[int, ...]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.trainable_parameters())).device
+
+    @abstractmethod
+    def eps(self, x: Tensor, timestep: Tensor, cond: Tensor, finetuned: bool = True) -> Tensor:
+        """Guided ε(x, t | cond): the finetuned model, or the pretrained one with the adapter off."""
+
+    @abstractmethod
+    def sample_conditions(self, num: int, generator: torch.Generator) -> Tensor:
+        """Conditioning ids (long, shape (num,)) for ``num`` new trajectories."""
+
+    @abstractmethod
+    def decode(self, x: Tensor) -> Tensor:
+        """Map a (predicted) clean state to the reward's input space, differentiably."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The finetuning adapter's parameters (the policy θ)."""
+
+    @abstractmethod
+    def make_flow_score_net(self) -> nn.Module:
+        """A network g_φ(x, t, cond) with the state's shape as output that starts at exactly zero."""
+
+    def predict_clean(self, x: Tensor, timestep: Tensor, eps: Tensor) -> Tensor:
+        """One-step clean prediction x̂(x_t) = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t (eq. 2's x_θ)."""
+        abar = self.schedule.alphas_cumprod.to(x.device)[timestep].to(x.dtype)
+        abar = abar.reshape(-1, *([1] * (x.dim() - 1)))
+        return (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """The trainable parameters by name (what a checkpoint stores for the policy)."""
+        trainable = {id(p) for p in self.trainable_parameters()}
+        return {name: p.detach() for name, p in self.named_parameters() if id(p) in trainable}

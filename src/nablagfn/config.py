@@ -1,0 +1,284 @@
+"""Run configuration: pydantic models validated at load time.
+
+A config is YAML (or defaults) plus dotted ``key=value`` overrides; unknown keys,
+wrong types and out-of-range values are rejected with the offending key named.
+Every field is documented in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _ring(modes: int = 8, radius: float = 3.0) -> list[list[float]]:
+    return [
+        [round(radius * math.cos(2 * math.pi * k / modes), 6), round(radius * math.sin(2 * math.pi * k / modes), 6)]
+        for k in range(modes)
+    ]
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+
+class GMMModelConfig(_Strict):
+    """Gaussian mixture in R^d with the exact pretrained ε (default: 8-mode ring, radius 3, std 0.3)."""
+
+    kind: Literal["gmm"] = "gmm"
+    means: list[list[float]] = Field(default_factory=_ring)
+    stds: list[float] = Field(default_factory=lambda: [0.3] * 8)
+    weights: list[float] | None = None  # None: equal weights
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    hidden: int = Field(128, ge=1)
+    layers: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "GMMModelConfig":
+        if not self.means:
+            raise ValueError("model.means: at least one mean is needed")
+        dim = len(self.means[0])
+        if dim == 0 or any(len(m) != dim for m in self.means):
+            raise ValueError("model.means: every mean must have the same, non-zero, length")
+        if len(self.stds) != len(self.means):
+            raise ValueError(f"model.stds: expected {len(self.means)} values (one per mean), got {len(self.stds)}")
+        if any(s <= 0 for s in self.stds):
+            raise ValueError("model.stds: every std must be > 0")
+        if self.weights is not None:
+            if len(self.weights) != len(self.means):
+                raise ValueError(f"model.weights: expected {len(self.means)} values, got {len(self.weights)}")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("model.weights: weights must be ≥ 0 with a positive sum")
+        return self
+
+    @property
+    def dim(self) -> int:
+        return len(self.means[0])
+
+
+class GaussianRewardConfig(_Strict):
+    """log R(x) = −|x − center|² / (2 · scale²)."""
+
+    kind: Literal["gaussian"] = "gaussian"
+    center: list[float] = Field(default_factory=lambda: [3.0, 0.5])
+    scale: float = Field(1.0, gt=0)
+
+
+class LinearRewardConfig(_Strict):
+    """log R(x) = direction · x."""
+
+    kind: Literal["linear"] = "linear"
+    direction: list[float] = Field(default_factory=lambda: [1.0, 0.0])
+
+
+class SamplerConfig(_Strict):
+    """``ddpm``: DDIM with η (1 = the paper's DDPM, 50 steps); ``dpm_solver``: first-order SDE-DPM-Solver++."""
+
+    kind: Literal["ddpm", "ddim", "dpm_solver"] = "ddpm"
+    steps: int = Field(50, ge=1, le=1000)
+    eta: float = Field(1.0, ge=0)
+
+
+class SubsampleConfig(_Strict):
+    """Which transitions of each trajectory are trained on (the last one always is)."""
+
+    kind: Literal["stratified", "uniform", "all"] = "stratified"
+    fraction: float = Field(0.1, gt=0, le=1)
+
+
+class RewardSmoothingConfig(_Strict):
+    """∇ log R averaged over ``samples`` draws of N(0, noise²) added in reward space (§4.3, c = noise)."""
+
+    noise: float = Field(0.0, ge=0)
+    samples: int = Field(1, ge=1)
+
+
+class ResidualNablaDBConfig(_Strict):
+    """Residual ∇-DB with forward-looking flow (eq. 16–19). See docs/methods.md."""
+
+    name: Literal["residual_nabla_db"] = "residual_nabla_db"
+    beta: float = Field(0.5, gt=0)
+    prior_strength: float = Field(1.0, ge=0, description="η: target ∝ R^β · p_pretrained^η")
+    gamma: Literal["alpha_bar", "sqrt_alpha_bar", "one"] = "sqrt_alpha_bar"
+    weight_forward: float = Field(1.0, ge=0)
+    weight_reverse: float = Field(1.0, ge=0)
+    weight_terminal: float = Field(1.0, ge=0)
+    forward_weighting: Literal["eps", "score"] = "eps"
+    reverse_weighting: Literal["score", "variance"] = "score"
+    reverse_target: Literal["propagated", "expected", "sampled"] = "propagated"
+    detach_flow_in_forward: bool = True
+    second_order: bool = False
+    output_reg: float = Field(0.0, ge=0)
+    subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
+    reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ResidualNablaDBConfig":
+        if self.second_order and self.reverse_target != "sampled":
+            raise ValueError(
+                "method.second_order: needs method.reverse_target=sampled (the expected target has no policy term)"
+            )
+        return self
+
+
+class NablaDBConfig(_Strict):
+    """∇-DB without a prior (eq. 7–9): target ∝ R^β, backward policy = the noising kernel."""
+
+    name: Literal["nabla_db"] = "nabla_db"
+    beta: float = Field(0.5, gt=0)
+    gamma: Literal["alpha_bar", "sqrt_alpha_bar", "one"] = "sqrt_alpha_bar"
+    reverse_target: Literal["expected", "sampled"] = "expected"
+    weight_forward: float = Field(1.0, ge=0)
+    weight_reverse: float = Field(1.0, ge=0)
+    weight_terminal: float = Field(1.0, ge=0)
+    weighting: Literal["balanced", "paper"] = "balanced"
+    output_reg: float = Field(0.0, ge=0)
+    subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
+    reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
+
+
+class OptimizerConfig(_Strict):
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(_Strict):
+    """Algorithm 1's loop. Updates per epoch = trajectories_per_epoch / (batch_size · accumulation)."""
+
+    updates: int = Field(1500, ge=1)
+    trajectories_per_epoch: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="trajectories per gradient computation")
+    accumulation: int = Field(1, ge=1)
+    on_policy: bool = Field(False, description="train on this epoch's trajectories instead of the previous epoch's")
+    seed: int = 0
+    policy_optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    flow_optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_min_ratio: float = Field(0.05, ge=0, le=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(250, ge=1)
+    eval_samples: int = Field(4000, ge=2)
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "TrainConfig":
+        per_update = self.batch_size * self.accumulation
+        if self.trajectories_per_epoch % per_update:
+            raise ValueError(
+                f"train.trajectories_per_epoch ({self.trajectories_per_epoch}) must be a multiple of "
+                f"train.batch_size × train.accumulation ({per_update})"
+            )
+        return self
+
+
+ModelConfig = Annotated[Union[GMMModelConfig], Field(discriminator="kind")]
+RewardConfig = Annotated[Union[GaussianRewardConfig, LinearRewardConfig], Field(discriminator="kind")]
+MethodConfig = Annotated[Union[ResidualNablaDBConfig, NablaDBConfig], Field(discriminator="name")]
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = Field(default_factory=GMMModelConfig)
+    reward: RewardConfig = Field(default_factory=GaussianRewardConfig)
+    method: MethodConfig = Field(default_factory=ResidualNablaDBConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "RunConfig":
+        dim = self.model.dim
+        vector = getattr(self.reward, "center", None) or getattr(self.reward, "direction", None)
+        if vector is not None and len(vector) != dim:
+            key = "reward.center" if self.reward.kind == "gaussian" else "reward.direction"
+            raise ValueError(f"{key}: has {len(vector)} entries but the model's states have {dim}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-after"))
+        # drop the discriminator tag pydantic inserts (e.g. model.gmm.means → model.means)
+        parts = [p for p in key.split(".") if p not in {"gmm", "gaussian", "linear", "residual_nabla_db", "nabla_db"}]
+        key = ".".join(parts)
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (see docs/config.md for the valid ones)"
+        lines.append(f"  {key or '<root>'}: {message}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (['a', 'b', 'c'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. method.beta=2.0)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults ← YAML file ← dotted overrides, validated as one tree."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model, reward, method, …)")
+        tree = loaded or {}
+    for override in overrides:
+        key, value = parse_override(override)
+        _set(tree, key, value)
+    return validate_config(tree)
+
+
+_DEFAULT_TAGS = {"model": ("kind", "gmm"), "reward": ("kind", "gaussian"), "method": ("name", "residual_nabla_db")}
+
+
+def validate_config(tree: dict) -> RunConfig:
+    tree = dict(tree)
+    for section, (tag, default) in _DEFAULT_TAGS.items():
+        if isinstance(tree.get(section), dict):
+            tree[section] = {tag: default, **tree[section]}
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

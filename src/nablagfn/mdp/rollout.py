@@ -1,0 +1,71 @@
+"""Rollouts: run a sampler and record the trajectory the trainer learns from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from .gaussian import GaussianKernel
+
+
+@dataclass
+class Trajectories:
+    """A batch of B recorded trajectories of K steps.
+
+    ``states[:, k]`` is state k (k = 0 noise, k = K sample); ``eps[:, i]`` the
+    behaviour policy's (guided) ε at step i; ``log_probs[:, i]`` its log P_F of
+    the step actually taken; ``cond`` one conditioning id per trajectory.
+    """
+
+    states: Tensor  # (B, K + 1, *shape)
+    eps: Tensor  # (B, K, *shape)
+    log_probs: Tensor  # (B, K)
+    cond: Tensor  # (B,) long
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    @property
+    def final(self) -> Tensor:
+        return self.states[:, -1]
+
+    def select(self, index: Tensor) -> "Trajectories":
+        return Trajectories(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def to_dict(self, prefix: str = "") -> dict[str, Tensor]:
+        return {prefix + f.name: getattr(self, f.name).contiguous() for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, Tensor], prefix: str = "") -> "Trajectories":
+        return cls(**{f.name: tensors[prefix + f.name] for f in fields(cls)})
+
+
+@torch.no_grad()
+def rollout(
+    backend,
+    kernel: GaussianKernel,
+    cond: Tensor,
+    generator: torch.Generator,
+    finetuned: bool = True,
+    record: bool = True,
+) -> Trajectories | Tensor:
+    """Sample len(cond) trajectories; return them (``record``) or only the final states."""
+    batch = cond.shape[0]
+    x = torch.randn((batch, *backend.sample_shape), generator=generator, device=backend.device)
+    states, eps_list, log_probs = [x], [], []
+    for i in range(kernel.num_steps):
+        step = torch.full((batch,), i, dtype=torch.long, device=x.device)
+        t = kernel.timestep_of_state(step)
+        eps = backend.eps(x, t, cond, finetuned=finetuned)
+        x, mean = kernel.step(x, eps, step, generator)
+        if record:
+            states.append(x)
+            eps_list.append(eps)
+            log_probs.append(kernel.log_prob(x, mean, step))
+    if not record:
+        return x
+    return Trajectories(
+        states=torch.stack(states, 1), eps=torch.stack(eps_list, 1), log_probs=torch.stack(log_probs, 1), cond=cond
+    )

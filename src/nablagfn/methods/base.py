@@ -1,0 +1,138 @@
+"""What every method shares: transition batches, time-step subsampling, reward gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..backends.base import Backend
+from ..mdp.gaussian import GaussianKernel
+from ..mdp.rollout import Trajectories
+from ..rewards.base import Reward
+
+
+@dataclass
+class TransitionBatch:
+    """Transitions (x_k → x_{k+1}) drawn from recorded trajectories, plus each trajectory's final state."""
+
+    state: Tensor  # x_k
+    next_state: Tensor  # x_{k+1}
+    step: Tensor  # k (long)
+    cond: Tensor
+    behaviour_eps: Tensor  # ε of the policy that sampled the step
+    final_state: Tensor  # x_K of the trajectory each transition came from (for eq. 18)
+    final_cond: Tensor
+
+    @property
+    def size(self) -> int:
+        return self.state.shape[0]
+
+
+def subsample_steps(
+    num_trajectories: int, num_steps: int, kind: str, fraction: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """(trajectory index, step index) pairs to train on; each trajectory gets its own draw.
+
+    ``all``: every step. ``stratified``: split steps 0 … K−2 into n = round(fraction·K)
+    equal strata and draw one step from each. ``uniform``: n distinct steps drawn uniformly.
+    The last step (into the sample) is always included.
+    """
+    if kind == "all" or num_steps == 1:
+        steps = torch.arange(num_steps).expand(num_trajectories, -1)
+    else:
+        inner = num_steps - 1  # steps other than the last one
+        count = min(inner, max(1, round(fraction * num_steps)))
+        if kind == "stratified":
+            edges = torch.linspace(0, inner, count + 1)
+            low, width = edges[:-1].floor(), (edges[1:].floor() - edges[:-1].floor()).clamp(min=1)
+            offsets = (torch.rand((num_trajectories, count), generator=generator) * width).floor()
+            chosen = (low + offsets).long().clamp(max=inner - 1)
+        elif kind == "uniform":
+            chosen = torch.rand((num_trajectories, inner), generator=generator).argsort(1)[:, :count]
+        else:
+            raise ValueError(f"unknown subsample kind {kind!r}")
+        last = torch.full((num_trajectories, 1), num_steps - 1, dtype=torch.long)
+        steps = torch.cat([chosen, last], 1)
+    rows = torch.arange(num_trajectories)[:, None].expand_as(steps)
+    return rows.reshape(-1), steps.reshape(-1)
+
+
+def make_transitions(trajectories: Trajectories, rows: Tensor, steps: Tensor) -> TransitionBatch:
+    return TransitionBatch(
+        state=trajectories.states[rows, steps],
+        next_state=trajectories.states[rows, steps + 1],
+        step=steps.to(trajectories.states.device),
+        cond=trajectories.cond[rows],
+        behaviour_eps=trajectories.eps[rows, steps],
+        final_state=trajectories.final,
+        final_cond=trajectories.cond,
+    )
+
+
+def batch_mean(values: Tensor) -> Tensor:
+    """Element-wise mean over non-batch dimensions → (B,) (the paper's ‖·‖² convention)."""
+    return values.flatten(1).mean(1)
+
+
+class Method:
+    """A loss over transition batches. Its own networks (e.g. g_φ) live in ``self.networks``;
+    the backend and reward are shared, not owned."""
+
+    #: whether the method needs ∇ log R (refuses non-differentiable rewards)
+    needs_reward_gradient: bool = True
+
+    def __init__(self, config, backend: Backend, reward: Reward, kernel: GaussianKernel):
+        if self.needs_reward_gradient and not reward.differentiable:
+            raise ValueError(
+                f"method.name={config.name} needs reward gradients, but reward.kind="
+                f"{type(reward).__name__} is not differentiable; choose a gradient-free method"
+            )
+        self.config = config
+        self.backend = backend
+        self.reward = reward
+        self.kernel = kernel
+        self.networks = nn.ModuleDict()
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named groups, each with its own optimiser settings: ``policy`` and (if any) ``flow``."""
+        return {"policy": self.backend.trainable_parameters()}
+
+    def loss(self, batch: TransitionBatch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    # -- shared helpers ------------------------------------------------------
+    def smoothed_log_reward(self, clean: Tensor, cond: Tensor, generator: torch.Generator) -> Tensor:
+        """log R(decode(clean) + c·z) averaged over the smoothing draws z (§4.3); differentiable in ``clean``."""
+        smoothing = self.config.reward_smoothing
+        decoded = self.backend.decode(clean)
+        total = 0.0
+        for _ in range(smoothing.samples):
+            noisy = decoded
+            if smoothing.noise > 0:
+                noisy = decoded + smoothing.noise * torch.randn(decoded.shape, generator=generator).to(decoded)
+            total = total + self.reward.log_reward(noisy.float(), cond)
+        return total / smoothing.samples
+
+    def predicted_log_reward_grad(
+        self, x: Tensor, state_index: Tensor, cond: Tensor, generator: torch.Generator
+    ) -> Tensor:
+        """∇_x log R(x̂_θ(x)) through the finetuned model's one-step prediction (detached).
+
+        For final states (state_index = K) the prediction is the state itself.
+        """
+        kernel, backend = self.kernel, self.backend
+        is_final = state_index == kernel.num_steps
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            timestep = kernel.timestep_of_state(state_index)
+            clean = x_in
+            if not bool(is_final.all()):
+                eps = backend.eps(x_in, timestep, cond, finetuned=True)
+                predicted = backend.predict_clean(x_in, timestep, eps)
+                mask = is_final.reshape(-1, *([1] * (x.dim() - 1)))
+                clean = torch.where(mask, x_in, predicted)
+            log_reward = self.smoothed_log_reward(clean, cond, generator)
+            (grad,) = torch.autograd.grad(log_reward.sum(), x_in)
+        return grad.detach()

@@ -1,0 +1,1 @@
+"""Training: building a run from its config, Algorithm 1's loop, checkpoints."""

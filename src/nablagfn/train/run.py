@@ -1,0 +1,63 @@
+"""A run's parts, built from its validated config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import Backend, GaussianMixtureBackend, build_backend
+from ..config import RunConfig
+from ..eval.gmm import target_metrics
+from ..mdp import GaussianKernel, make_kernel, rollout
+from ..methods import Method, build_method
+from ..rewards import Reward, build_reward
+from ..rewards.vector import exact_target
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    backend: Backend
+    reward: Reward
+    kernel: GaussianKernel
+    method: Method
+
+    @classmethod
+    def build(cls, config: RunConfig) -> "Run":
+        torch.manual_seed(config.train.seed)  # network initialisation
+        backend = build_backend(config.model).to(config.train.device)
+        reward = build_reward(config.reward).to(config.train.device)
+        kernel = make_kernel(config.sampler.kind, backend.schedule, config.sampler.steps, config.sampler.eta)
+        method = build_method(config.method, backend, reward, kernel)
+        return cls(config, backend, reward, kernel, method)
+
+    def exact_target(self):
+        """The closed-form target of a Gaussian-mixture run, or None."""
+        if not isinstance(self.backend, GaussianMixtureBackend):
+            return None
+        method = self.config.method
+        return exact_target(self.backend.mixture, self.reward, method.beta, getattr(method, "prior_strength", 0.0))
+
+    @torch.no_grad()
+    def sample(self, num: int, seed: int, finetuned: bool = True, batch_size: int = 4096) -> torch.Tensor:
+        """Final states of ``num`` fresh trajectories, reproducible from ``seed``."""
+        generator = torch.Generator().manual_seed(seed)
+        chunks = []
+        for start in range(0, num, batch_size):
+            cond = self.backend.sample_conditions(min(batch_size, num - start), generator)
+            chunks.append(rollout(self.backend, self.kernel, cond, generator, finetuned=finetuned, record=False))
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def evaluate(self, num: int, seed: int = 1234, finetuned: bool = True) -> dict[str, float]:
+        """Mean log-reward, and the ground-truth distances when the target is known."""
+        samples = self.sample(num, seed, finetuned)
+        cond = torch.zeros(num, dtype=torch.long)
+        log_reward = self.reward.log_reward(self.backend.decode(samples), cond)
+        metrics = {"log_reward_mean": log_reward.mean().item(), "log_reward_std": log_reward.std().item()}
+        target = self.exact_target()
+        if target is not None:
+            generator = torch.Generator().manual_seed(seed + 1)
+            metrics.update(target_metrics(samples, target, self.backend.mixture, generator))
+        return metrics
