@@ -111,6 +111,7 @@ class ResidualNablaDBConfig(_Strict):
     beta: float = Field(0.5, gt=0)
     prior_strength: float = Field(1.0, ge=0, description="η: target ∝ R^β · p_pretrained^η")
     gamma: Literal["alpha_bar", "sqrt_alpha_bar", "one"] = "sqrt_alpha_bar"
+    lookahead: Literal["pretrained", "finetuned"] = "pretrained"
     weight_forward: float = Field(1.0, ge=0)
     weight_reverse: float = Field(1.0, ge=0)
     weight_terminal: float = Field(1.0, ge=0)
@@ -138,11 +139,13 @@ class NablaDBConfig(_Strict):
     name: Literal["nabla_db"] = "nabla_db"
     beta: float = Field(0.5, gt=0)
     gamma: Literal["alpha_bar", "sqrt_alpha_bar", "one"] = "sqrt_alpha_bar"
+    lookahead: Literal["pretrained", "finetuned"] = "pretrained"
     reverse_target: Literal["expected", "sampled"] = "expected"
     weight_forward: float = Field(1.0, ge=0)
     weight_reverse: float = Field(1.0, ge=0)
     weight_terminal: float = Field(1.0, ge=0)
-    weighting: Literal["balanced", "paper"] = "balanced"
+    forward_weighting: Literal["eps", "score"] = "eps"
+    reverse_weighting: Literal["score", "variance"] = "score"
     output_reg: float = Field(0.0, ge=0)
     subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
     reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
@@ -222,7 +225,10 @@ def _format_validation_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (see docs/config.md for the valid ones)"
-        lines.append(f"  {key or '<root>'}: {message}")
+        if key and message.startswith(key + ".") or message.startswith(f"{key}:"):
+            lines.append(f"  {message}")  # our own validators already name the key
+        else:
+            lines.append(f"  {key or '<root>'}: {message}")
     return "invalid config:\n" + "\n".join(lines)
 
 

@@ -118,9 +118,10 @@ class Method:
     def predicted_log_reward_grad(
         self, x: Tensor, state_index: Tensor, cond: Tensor, generator: torch.Generator
     ) -> Tensor:
-        """∇_x log R(x̂_θ(x)) through the finetuned model's one-step prediction (detached).
+        """∇_x log R(x̂(x)) through a one-step clean prediction (detached).
 
-        For final states (state_index = K) the prediction is the state itself.
+        x̂ comes from the finetuned model (the paper's x̂_θ) or, with ``lookahead="pretrained"``,
+        from the frozen pretrained model. For final states (state_index = K) it is the state itself.
         """
         kernel, backend = self.kernel, self.backend
         is_final = state_index == kernel.num_steps
@@ -129,7 +130,8 @@ class Method:
             timestep = kernel.timestep_of_state(state_index)
             clean = x_in
             if not bool(is_final.all()):
-                eps = backend.eps(x_in, timestep, cond, finetuned=True)
+                finetuned = getattr(self.config, "lookahead", "finetuned") == "finetuned"
+                eps = backend.eps(x_in, timestep, cond, finetuned=finetuned)
                 predicted = backend.predict_clean(x_in, timestep, eps)
                 mask = is_final.reshape(-1, *([1] * (x.dim() - 1)))
                 clean = torch.where(mask, x_in, predicted)

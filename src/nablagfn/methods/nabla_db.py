@@ -48,7 +48,7 @@ class NablaDB(ResidualNablaDB):
         g_next = torch.where(is_last, torch.zeros_like(x_next), self.flow_score(x_next, next_index, cond).detach())
         next_flow_score = self.forward_looking_score(x_next, next_index, cond, generator) + g_next
         forward_residual = policy_score - backward_score_next - next_flow_score
-        forward_weight = variance**2 / eps_coef**2 if cfg.weighting == "balanced" else torch.ones_like(variance)
+        forward_weight = variance**2 / eps_coef**2 if cfg.forward_weighting == "eps" else torch.ones_like(variance)
         forward_loss = batch_mean(forward_weight * forward_residual**2)
 
         # eq. 9: reverse ∇-DB (first order: the policy's own reverse score is detached; its mean is 0)
@@ -62,7 +62,7 @@ class NablaDB(ResidualNablaDB):
             )
         flow_here = self.forward_looking_score(x, step, cond, generator) + self.flow_score(x, step, cond)
         reverse_residual = policy_reverse_score - backward_score_here + flow_here
-        reverse_weight = variance if cfg.weighting == "balanced" else torch.ones_like(variance)
+        reverse_weight = variance if cfg.reverse_weighting == "variance" else torch.ones_like(variance)
         reverse_loss = batch_mean(reverse_weight * reverse_residual**2)
 
         final_index = torch.full_like(batch.final_cond, kernel.num_steps)

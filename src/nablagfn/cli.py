@@ -1,0 +1,172 @@
+"""The ``nablagfn`` command line: train, sample, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def _run_dir(out: str | None) -> Path:
+    return Path(out) if out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _load_run(run_dir: Path, checkpoint: str | None = None):
+    """A run rebuilt from RUN_DIR/config.yaml with the weights of its latest (or given) checkpoint."""
+    from .config import load_config
+    from .train.checkpoint import list_checkpoints
+    from .train.run import Run
+    from .train.trainer import load_weights
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    run = Run.build(load_config(config_path))
+    if checkpoint:
+        path = Path(checkpoint)
+    else:
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise ConfigError(f"{run_dir} has no checkpoint yet (nothing under {run_dir / 'checkpoints'})")
+        path = checkpoints[-1]
+    load_weights(run, path)
+    return run, path
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return "\n".join(f"  {key:24s} {value:.4f}" for key, value in metrics.items())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train.trainer import Trainer
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("--resume continues a run with its saved config; drop --config and overrides")
+        run_dir = Path(args.resume)
+        config = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        if config is None:
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    else:
+        config = load_config(args.config, args.overrides)
+        run_dir = _run_dir(args.out)
+        if (run_dir / "checkpoints").exists():
+            raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    print(f"run directory: {run_dir}")
+    trainer = Trainer(config, run_dir, progress=not args.no_progress)
+    metrics = trainer.train(resume=bool(args.resume))
+    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
+    _write_run_figures(trainer.run, run_dir)
+    print("final metrics (finetuned):")
+    print(_format_metrics(metrics))
+    return 0
+
+
+def _write_run_figures(run, run_dir: Path) -> None:
+    from .viz import plot_vector_samples
+
+    target = run.exact_target()
+    if len(run.backend.sample_shape) != 1:
+        return
+    import torch
+
+    num = 4000
+    panels = {
+        "pretrained": run.sample(num, seed=0, finetuned=False),
+        "finetuned": run.sample(num, seed=0, finetuned=True),
+    }
+    if target is not None:
+        panels["exact target"] = target.sample(num, torch.Generator().manual_seed(0))
+    path = plot_vector_samples(panels, run_dir / "samples.png", f"{run.config.method.name}, β={run.config.method.beta}")
+    print(f"samples figure: {path}")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    run, checkpoint = _load_run(Path(args.run_dir), args.checkpoint)
+    samples = run.sample(args.num, seed=args.seed, finetuned=not args.pretrained)
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise ConfigError(f"--out {out}: vector backends write a .npy array")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, samples.numpy())
+    kind = "pretrained" if args.pretrained else f"finetuned ({checkpoint.name})"
+    print(f"wrote {tuple(samples.shape)} {kind} samples to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    run, checkpoint = _load_run(Path(args.run_dir), args.checkpoint)
+    results = {"checkpoint": str(checkpoint), "num_samples": args.num, "seed": args.seed}
+    results["finetuned"] = run.evaluate(args.num, seed=args.seed, finetuned=True)
+    results["pretrained"] = run.evaluate(args.num, seed=args.seed, finetuned=False)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
+    out.write_text(json.dumps(results, indent=1))
+    for name in ("pretrained", "finetuned"):
+        print(f"{name}:")
+        print(_format_metrics(results[name]))
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nablagfn",
+        description="Reward finetuning of diffusion models with residual ∇-DB (Nabla-GFlowNet) and baselines.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="finetune a model (defaults: the 2-D 8-mode ring with residual ∇-DB)",
+                                description="Finetune. Config = defaults ← --config YAML ← key=value overrides.")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. method.beta=2.0")
+    train.add_argument("--config", help="YAML config file (see docs/config.md)")
+    train.add_argument("--out", help="run directory (default: runs/<date-time>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    sample = commands.add_parser("sample", help="draw samples from a trained run")
+    sample.add_argument("run_dir")
+    sample.add_argument("--num", type=int, default=1000, help="number of samples (default 1000)")
+    sample.add_argument("--out", required=True, help="output file (.npy for vector backends)")
+    sample.add_argument("--pretrained", action="store_true", help="sample the pretrained model instead")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    sample.set_defaults(func=cmd_sample)
+
+    evaluate = commands.add_parser("eval", help="metrics of a trained run, finetuned and pretrained")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--num", type=int, default=10_000, help="evaluation samples (default 10000)")
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    evaluate.add_argument("--out", help="JSON output (default RUN_DIR/eval.json)")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "num", 1) < 1:
+        print("nablagfn: error: --num must be ≥ 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"nablagfn: error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"nablagfn: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nablagfn: interrupted; resume with `nablagfn train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
