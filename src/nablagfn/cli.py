@@ -57,8 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = _run_dir(args.out)
         if (run_dir / "checkpoints").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-    print(f"run directory: {run_dir}")
     trainer = Trainer(config, run_dir, progress=not args.no_progress)
+    print(f"run directory: {run_dir}")
     metrics = trainer.train(resume=bool(args.resume))
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
     _write_run_figures(trainer.run, run_dir)

@@ -223,6 +223,10 @@ def _format_validation_error(error: ValidationError) -> str:
         parts = [p for p in key.split(".") if p not in {"gmm", "gaussian", "linear", "residual_nabla_db", "nabla_db"}]
         key = ".".join(parts)
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "union_tag_invalid":
+            tag = item["ctx"]["discriminator"].strip("'")
+            key = f"{key}.{tag}"
+            message = f"unknown value {item['ctx']['tag']!r}; choose one of {item['ctx']['expected_tags']}"
         if item["type"] == "extra_forbidden":
             message = "unknown key (see docs/config.md for the valid ones)"
         if key and message.startswith(key + ".") or message.startswith(f"{key}:"):

@@ -23,8 +23,8 @@ class DDIMKernel(GaussianKernel):
     def __init__(self, schedule: NoiseSchedule, num_steps: int = 50, eta: float = 1.0):
         from diffusers import DDIMScheduler
 
-        if not 1 <= num_steps <= schedule.num_train_timesteps:
-            raise ValueError(f"sampler.steps must be in [1, {schedule.num_train_timesteps}], got {num_steps}")
+        if not 1 <= num_steps < schedule.num_train_timesteps:  # "leading" spacing + offset 1 needs one spare
+            raise ValueError(f"sampler.steps must be in [1, {schedule.num_train_timesteps - 1}], got {num_steps}")
         if eta < 0:
             raise ValueError(f"DDIM eta must be ≥ 0, got {eta}")
         scheduler = DDIMScheduler(

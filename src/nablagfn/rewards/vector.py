@@ -45,7 +45,7 @@ class LinearReward(Reward):
         self.register_buffer("direction", torch.tensor(direction, dtype=torch.float32))
 
     def log_reward(self, y: Tensor, cond: Tensor) -> Tensor:
-        return y @ self.direction
+        return y @ self.direction.to(y.dtype)
 
     def tilt(self, mixture: GaussianMixture, beta: float) -> GaussianMixture:
         """p(x) e^{β a·x}: component k moves to m_k + β s_k² a, weight ∝ w_k e^{β a·m_k + β² s_k² |a|²/2}."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import Backend, GaussianMixtureBackend, build_backend
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..eval.gmm import target_metrics
 from ..mdp import GaussianKernel, make_kernel, rollout
 from ..methods import Method, build_method
@@ -28,7 +28,10 @@ class Run:
         torch.manual_seed(config.train.seed)  # network initialisation
         backend = build_backend(config.model).to(config.train.device)
         reward = build_reward(config.reward).to(config.train.device)
-        kernel = make_kernel(config.sampler.kind, backend.schedule, config.sampler.steps, config.sampler.eta)
+        try:
+            kernel = make_kernel(config.sampler.kind, backend.schedule, config.sampler.steps, config.sampler.eta)
+        except ValueError as error:
+            raise ConfigError(f"invalid config:\n  {error}") from None
         method = build_method(config.method, backend, reward, kernel)
         return cls(config, backend, reward, kernel, method)
 

@@ -56,6 +56,7 @@ class Trainer:
         self.epoch_order: torch.Tensor | None = None
         self.epoch_position = 0
         self.nonfinite_in_a_row = 0
+        self._pending_sample_metrics: dict[str, float] = {}  # reward of the latest sampled epoch, for the log
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # -- state -----------------------------------------------------------------
@@ -75,15 +76,15 @@ class Trainer:
 
     def save(self) -> Path:
         tensors = {"rng": self.generator.get_state()}
-        for prefix, data in (("previous.", self.previous), ("epoch_data.", self.epoch_data),
-                             ("epoch_sampled.", self.epoch_sampled)):
+        # this epoch's training data is ``previous`` (off-policy) or ``epoch_sampled`` (on-policy): not saved twice
+        for prefix, data in (("previous.", self.previous), ("epoch_sampled.", self.epoch_sampled)):
             if data is not None:
                 tensors.update(data.to_dict(prefix))
         if self.epoch_order is not None:
             tensors["epoch_order"] = self.epoch_order
         state = {
             "update": self.update, "epoch": self.epoch, "epoch_position": self.epoch_position,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_metrics": self._pending_sample_metrics,
         }
         return save_checkpoint(
             self.run_dir, self.update,
@@ -102,8 +103,11 @@ class Trainer:
             return Trajectories.from_dict(tensors, prefix) if prefix + "states" in tensors else None
 
         self.previous = restore("previous.")
-        self.epoch_data, self.epoch_sampled = restore("epoch_data."), restore("epoch_sampled.")
+        self.epoch_sampled = restore("epoch_sampled.")
+        if self.epoch_sampled is not None:
+            self.epoch_data = self.epoch_sampled if self.config.train.on_policy else self.previous
         self.epoch_order = tensors.get("epoch_order")
+        self._pending_sample_metrics = state["sample_metrics"]
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
@@ -196,7 +200,6 @@ class Trainer:
             self._log({"update": 0, **{f"eval/{k}": v for k, v in self.run.evaluate(train.eval_samples).items()}})
         bar = tqdm(total=train.updates, initial=self.update, desc="train", disable=not self.progress, unit="upd")
         started = time.perf_counter()
-        self._pending_sample_metrics: dict[str, float] = {}
         while self.update < train.updates:
             if self.epoch_data is None:
                 self._start_epoch()

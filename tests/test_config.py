@@ -1,0 +1,171 @@
+"""Config loading and validation: every error names the offending key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from nablagfn.config import (
+    ConfigError,
+    NablaDBConfig,
+    ResidualNablaDBConfig,
+    RunConfig,
+    dump_config,
+    load_config,
+    parse_override,
+    validate_config,
+)
+
+
+def test_defaults_validate():
+    config = load_config(None, [])
+    assert isinstance(config, RunConfig)
+    assert isinstance(config.method, ResidualNablaDBConfig)
+    assert config.model.kind == "gmm" and config.model.dim == 2
+    assert len(config.model.means) == len(config.model.stds) == 8
+    assert config.reward.kind == "gaussian"
+    # the defaults round-trip through their own YAML dump
+    assert validate_config(yaml.safe_load(dump_config(config))) == config
+
+
+def test_override_sets_value_with_yaml_typing():
+    config = load_config(None, ["method.beta=2.0", "train.updates=7", "sampler.kind=dpm_solver", "train.on_policy=true",
+                                "reward.center=[1.0, -1.0]"])
+    assert config.method.beta == 2.0
+    assert config.train.updates == 7 and isinstance(config.train.updates, int)
+    assert config.sampler.kind == "dpm_solver"
+    assert config.train.on_policy is True
+    assert config.reward.center == [1.0, -1.0]
+    # later overrides win
+    assert load_config(None, ["method.beta=2.0", "method.beta=3.0"]).method.beta == 3.0
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model:\n"
+        "  means: [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]]\n"
+        "  stds: [0.3, 0.3, 0.5]\n"
+        "  weights: [1, 2, 1]\n"
+        "reward:\n"
+        "  kind: linear\n"
+        "  direction: [0.5, 0.5]\n"
+        "method:\n"
+        "  beta: 1.5\n"
+        "train:\n"
+        "  updates: 20\n"
+    )
+    config = load_config(path)
+    assert config.model.means == [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]]
+    assert config.model.stds == [0.3, 0.3, 0.5]
+    assert config.model.weights == [1, 2, 1]
+    assert config.reward.kind == "linear" and config.reward.direction == [0.5, 0.5]
+    assert config.method.beta == 1.5 and config.method.name == "residual_nabla_db"
+    assert config.train.updates == 20
+    assert config.sampler.steps == 50  # untouched default
+    assert load_config(path, ["method.beta=0.25"]).method.beta == 0.25
+    # an empty file is the defaults
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == load_config(None)
+
+
+def _error(overrides, path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_unknown_key_is_named():
+    message = _error(["method.betaa=1"])
+    assert "method.betaa" in message
+    assert "unknown" in message
+    assert "model.betaa" not in message
+    assert "train.nonsense" in _error(["train.nonsense=1"])
+    assert "bogus" in _error(["bogus.key=1"])
+
+
+def test_wrong_type_is_named():
+    message = _error(["train.updates=abc"])
+    assert "train.updates" in message
+    assert "sampler.steps" in _error(["sampler.steps=[1, 2]"])
+
+
+def test_out_of_range_is_named():
+    assert "method.beta" in _error(["method.beta=-1"])
+    assert "method.beta" in _error(["method.beta=0"])
+    assert "sampler.steps" in _error(["sampler.steps=0"])
+    assert "method.subsample.fraction" in _error(["method.subsample.fraction=1.5"])
+
+
+def test_invalid_literal_is_named():
+    assert "sampler.kind" in _error(["sampler.kind=euler"])
+    assert "method.reverse_target" in _error(["method.reverse_target=bogus"])
+
+
+def test_inconsistent_shapes_are_named():
+    message = _error(["model.stds=[1.0]"])
+    assert "model.stds" in message and "8" in message
+    assert "model.weights" in _error(["model.weights=[1.0, 2.0]"])
+    assert "model.means" in _error(["model.means=[[0.0, 0.0], [1.0]]", "model.stds=[1.0, 1.0]"])
+    assert "model.stds" in _error(["model.stds=[0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, -0.3]"])
+
+
+def test_reward_dimension_mismatch_is_named():
+    assert "reward.center" in _error(["reward.center=[1.0, 2.0, 3.0]"])
+    assert "reward.direction" in _error(["reward.kind=linear", "reward.direction=[1.0]"])
+    # consistent in 3-D is fine
+    config = load_config(None, ["model.means=[[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]", "model.stds=[0.5, 0.5]",
+                                "reward.center=[1.0, 2.0, 3.0]"])
+    assert config.model.dim == 3
+
+
+def test_train_batch_divisibility_is_named():
+    message = _error(["train.trajectories_per_epoch=30", "train.batch_size=8"])
+    assert "train.trajectories_per_epoch" in message
+
+
+def test_second_order_needs_sampled_target():
+    assert "method.second_order" in _error(["method.second_order=true", "method.reverse_target=expected"])
+    assert load_config(None, ["method.second_order=true", "method.reverse_target=sampled"]).method.second_order
+
+
+def test_malformed_overrides():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["method.beta"])
+    with pytest.raises(ConfigError):
+        load_config(None, ["=3"])
+    with pytest.raises(ConfigError):
+        load_config(None, ["method..beta=3"])
+    with pytest.raises(ConfigError):
+        load_config(None, ["method.beta=2", "method.beta.x=1"])  # beta is a value, not a section
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+
+
+def test_bad_files(tmp_path):
+    assert "does not exist" in _error([], tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert "YAML" in _error([], bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    _error([], scalar)
+
+
+def test_method_name_switches_schema():
+    config = load_config(None, ["method.name=nabla_db"])
+    assert isinstance(config.method, NablaDBConfig)
+    assert config.method.name == "nabla_db"
+    # keys of the other method are rejected
+    assert "method.prior_strength" in _error(["method.name=nabla_db", "method.prior_strength=0.5"])
+    message = _error(["method.name=bogus"])
+    assert "method.name" in message and "bogus" in message and "nabla_db" in message
+    message = _error(["reward.kind=bogus"])
+    assert "reward.kind" in message and "gaussian" in message
+
+
+def test_config_is_validated_on_assignment():
+    config = load_config(None, [])
+    with pytest.raises(ValueError):
+        config.method.beta = -1.0
