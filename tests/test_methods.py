@@ -187,9 +187,16 @@ def test_expected_reverse_target_is_conditional_mean_of_sampled(eta):
     assert (mean_policy - mean_pretrained).abs().max() > 0.05 * float(kernel.std[step_index])
     x_next = mean_policy + kernel.std_like(x, step) * torch.randn(x.shape, generator=gen)
 
-    sampled = method.reverse_residual_policy_score(x, x_next, step, cond, mean_policy, mean_pretrained).double()
+    # the forward condition's optimum: ∇ log F̃(x_{k+1}) = η(μ_θ − μ#)/σ² in expectation
+    next_flow = eta * (mean_policy - mean_pretrained) / kernel.variance_like(x, step)
+    args = (x, x_next, step, cond, mean_policy, mean_pretrained, next_flow)
+    sampled = method.reverse_residual_policy_score(*args).double()
     method.config.reverse_target = "expected"
-    expected = method.reverse_residual_policy_score(x, x_next, step, cond, mean_policy, mean_pretrained).double()
+    expected = method.reverse_residual_policy_score(*args).double()
+    method.config.reverse_target = "propagated"
+    propagated = method.reverse_residual_policy_score(*args).double()
+    # propagated = expected once eq. 16 holds (Remark 6: substitute the forward condition into eq. 17)
+    assert torch.allclose(propagated, expected, atol=1e-5)
     assert torch.allclose(expected, expected[:1].expand_as(expected), atol=1e-5)  # no dependence on x_next
 
     mc_mean = sampled.mean(0)

@@ -10,14 +10,15 @@ pretrained policy P# = N(μ#, σ²):
   terminal loss (eq. 18):  ‖g_φ(x_K)‖²
   output regularisation:   λ ‖ε_θ(x_k) − ε_behaviour(x_k)‖²
 
-Choices beyond the paper (each switchable, see docs/methods.md):
-* ``reverse_target="expected"``: the reverse loss's target ∇_{x_k} log P̃ is replaced by its
-  conditional expectation over x_{k+1} ~ P_F(·|x_k), −η J_{μ#}(x_k)ᵀ (μ_θ − μ#)/σ², which removes
-  the sampled-noise/σ term (``"sampled"`` is the paper's estimator);
-* ``weighting="balanced"``: the forward loss is measured in ε units (× σ⁴/b², b the ε coefficient
-  of the step mean) and the reverse loss is × σ², so no noise level dominates (``"paper"``: raw);
-* ``detach_flow_in_forward``: g_φ learns from the reverse and terminal losses only;
-* the reverse term is first order (trains g_φ only) unless ``second_order``.
+Choices beyond the paper (each switchable; the reasons and figures are in docs/methods.md):
+* ``reverse_target``: the estimator of eq. 17's target. ``sampled`` is the paper's; ``expected`` is its
+  conditional expectation over x_{k+1} ~ P_F(·|x_k), −η J_{μ#}(x_k)ᵀ(μ_θ − μ#)/σ²; ``propagated``
+  (default) substitutes eq. 16's optimum into it, giving −J_{μ#}(x_k)ᵀ ∇ log F̃(x_{k+1}).
+* ``lookahead``: x̂ in eq. 15 from the pretrained model (default) or the finetuned one (paper).
+* ``forward_weighting="eps"``: the forward loss × σ⁴/b² (b the ε coefficient of the step mean), i.e.
+  measured in ε units, so the low-noise steps do not dominate; ``reverse_weighting="variance"``: × σ².
+* ``detach_flow_in_forward``: g_φ learns from the reverse and terminal losses only.
+* the reverse term is first order (it trains g_φ only) unless ``second_order``.
 """
 
 from __future__ import annotations
@@ -84,14 +85,9 @@ class ResidualNablaDB(Method):
         forward_loss = batch_mean(forward_weight * forward_residual**2)
 
         # eq. 17: reverse residual ∇-DB
-        if cfg.reverse_target == "propagated":
-            reverse_policy_score = -kernel.mean_vjp(
-                x, next_flow_score + g_next.detach(), step, lambda inp: backend.eps(inp, timestep, cond, finetuned=False)
-            )
-        else:
-            reverse_policy_score = self.reverse_residual_policy_score(
-                x, x_next, step, cond, mean_policy, mean_pretrained
-            )
+        reverse_policy_score = self.reverse_residual_policy_score(
+            x, x_next, step, cond, mean_policy, mean_pretrained, (next_flow_score + g_next).detach()
+        )
         flow_here = self.forward_looking_score(x, step, cond, generator) + self.flow_score(x, step, cond)
         reverse_residual = reverse_policy_score + flow_here
         reverse_weight = variance if cfg.reverse_weighting == "variance" else torch.ones_like(variance)
@@ -118,15 +114,26 @@ class ResidualNablaDB(Method):
         return loss, metrics
 
     def reverse_residual_policy_score(
-        self, x: Tensor, x_next: Tensor, step: Tensor, cond: Tensor, mean_policy: Tensor, mean_pretrained: Tensor
+        self,
+        x: Tensor,
+        x_next: Tensor,
+        step: Tensor,
+        cond: Tensor,
+        mean_policy: Tensor,
+        mean_pretrained: Tensor,
+        next_flow_score: Tensor,
     ) -> Tensor:
-        """∇_{x_k} [log P_F(x_{k+1}|x_k) − η log P#(x_{k+1}|x_k)] (sampled), or its expectation over x_{k+1}."""
+        """∇_{x_k} [log P_F(x_{k+1}|x_k) − η log P#(x_{k+1}|x_k)] as ``method.reverse_target`` estimates it:
+        ``sampled`` at the recorded x_{k+1}; ``expected`` over x_{k+1} ~ P_F; ``propagated`` with eq. 16's
+        optimum η(μ_θ − μ#)/σ² = ∇ log F̃(x_{k+1}) substituted into the expectation."""
         kernel, backend, eta = self.kernel, self.backend, self.config.prior_strength
         timestep = kernel.timestep_of_state(step)
 
         def pretrained_eps(inp: Tensor) -> Tensor:
             return backend.eps(inp, timestep, cond, finetuned=False)
 
+        if self.config.reverse_target == "propagated":
+            return -kernel.mean_vjp(x, next_flow_score, step, pretrained_eps)
         if self.config.reverse_target == "expected":
             # E_{x_{k+1} ~ P_F}[J_θᵀ(x_{k+1} − μ_θ)/σ²] = 0 and E[J#ᵀ(x_{k+1} − μ#)/σ²] = J#ᵀ(μ_θ − μ#)/σ²
             vector = eta * (mean_policy - mean_pretrained).detach() / kernel.variance_like(x, step)
