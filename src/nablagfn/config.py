@@ -144,8 +144,9 @@ class NablaDBConfig(_Strict):
     weight_forward: float = Field(1.0, ge=0)
     weight_reverse: float = Field(1.0, ge=0)
     weight_terminal: float = Field(1.0, ge=0)
-    forward_weighting: Literal["eps", "score"] = "eps"
-    reverse_weighting: Literal["score", "variance"] = "score"
+    # without the prior the targets carry 1/(1 − r) times the policy's error: these weightings keep it stable
+    forward_weighting: Literal["eps", "score"] = "score"
+    reverse_weighting: Literal["score", "variance"] = "variance"
     output_reg: float = Field(0.0, ge=0)
     subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
     reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
