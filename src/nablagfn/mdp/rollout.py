@@ -14,12 +14,14 @@ from .gaussian import GaussianKernel
 class Trajectories:
     """A batch of B recorded trajectories of K steps.
 
-    ``states[:, k]`` is state k (k = 0 noise, k = K sample); ``eps[:, i]`` the
-    behaviour policy's (guided) ε at step i; ``log_probs[:, i]`` its log P_F of
-    the step actually taken; ``cond`` one conditioning id per trajectory.
+    ``states[:, k]`` is state k (k = 0 noise, k = K sample) at diffusion timestep
+    ``timesteps[:, k]``; ``eps[:, i]`` the behaviour policy's (guided) ε at step i;
+    ``log_probs[:, i]`` its log P_F of the step actually taken; ``cond`` one
+    conditioning id per trajectory.
     """
 
     states: Tensor  # (B, K + 1, *shape)
+    timesteps: Tensor  # (B, K + 1) long
     eps: Tensor  # (B, K, *shape)
     log_probs: Tensor  # (B, K)
     cond: Tensor  # (B,) long
@@ -67,5 +69,6 @@ def rollout(
     if not record:
         return x
     return Trajectories(
-        states=torch.stack(states, 1), eps=torch.stack(eps_list, 1), log_probs=torch.stack(log_probs, 1), cond=cond
+        states=torch.stack(states, 1),
+        timesteps=kernel.state_timesteps.to(x.device).expand(batch, -1).clone(), eps=torch.stack(eps_list, 1), log_probs=torch.stack(log_probs, 1), cond=cond
     )

@@ -43,20 +43,25 @@ class Run:
         return exact_target(self.backend.mixture, self.reward, method.beta, getattr(method, "prior_strength", 0.0))
 
     @torch.no_grad()
-    def sample(self, num: int, seed: int, finetuned: bool = True, batch_size: int = 4096) -> torch.Tensor:
-        """Final states of ``num`` fresh trajectories, reproducible from ``seed``."""
+    def sample_with_conditions(
+        self, num: int, seed: int, finetuned: bool = True, batch_size: int = 4096
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final states of ``num`` fresh trajectories and their conditioning ids, reproducible from ``seed``."""
         generator = torch.Generator().manual_seed(seed)
-        chunks = []
+        states, conds = [], []
         for start in range(0, num, batch_size):
             cond = self.backend.sample_conditions(min(batch_size, num - start), generator)
-            chunks.append(rollout(self.backend, self.kernel, cond, generator, finetuned=finetuned, record=False))
-        return torch.cat(chunks)
+            states.append(rollout(self.backend, self.kernel, cond, generator, finetuned=finetuned, record=False))
+            conds.append(cond)
+        return torch.cat(states), torch.cat(conds)
+
+    def sample(self, num: int, seed: int, finetuned: bool = True) -> torch.Tensor:
+        return self.sample_with_conditions(num, seed, finetuned)[0]
 
     @torch.no_grad()
     def evaluate(self, num: int, seed: int = 1234, finetuned: bool = True) -> dict[str, float]:
         """Mean log-reward, and the ground-truth distances when the target is known."""
-        samples = self.sample(num, seed, finetuned)
-        cond = torch.zeros(num, dtype=torch.long)
+        samples, cond = self.sample_with_conditions(num, seed, finetuned)
         log_reward = self.reward.log_reward(self.backend.decode(samples), cond)
         metrics = {"log_reward_mean": log_reward.mean().item(), "log_reward_std": log_reward.std().item()}
         target = self.exact_target()
