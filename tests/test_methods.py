@@ -256,3 +256,28 @@ def test_gradient_methods_refuse_non_differentiable_rewards(name):
     accepted = StepReward()
     accepted.differentiable = True
     assert isinstance(build_method(run.config.method, run.backend, accepted, run.kernel), ResidualNablaDB)
+
+
+class _SineReward(Reward):
+    """log R(y) = Σ sin(w·y): its Gaussian smoothing has a closed form, sin(w y) e^{−w² c² / 2}."""
+
+    def __init__(self, frequency: float):
+        super().__init__()
+        self.frequency = frequency
+
+    def log_reward(self, y, cond):
+        return torch.sin(self.frequency * y).sum(-1)
+
+
+def test_reward_smoothing_matches_the_closed_form():
+    noise, frequency, samples = 0.4, 3.0, 10000  # Monte-Carlo error ≈ 3/√(2·10000) ≈ 0.02
+    run = build_run("method.reward_smoothing.noise=0.4", f"method.reward_smoothing.samples={samples}")
+    method = run.method
+    method.reward = _SineReward(frequency)
+    x = torch.tensor([[0.3, -1.1], [2.0, 0.5]])
+    final = torch.full((2,), run.kernel.num_steps)  # final states: x̂ = x, so the gradient is the reward's own
+    grad = method.predicted_log_reward_grad(x, final, torch.zeros(2, dtype=torch.long), torch.Generator().manual_seed(0))
+    expected = frequency * torch.cos(frequency * x) * torch.exp(torch.tensor(-(frequency**2) * noise**2 / 2))
+    torch.testing.assert_close(grad, expected, atol=0.09, rtol=0)
+    unsmoothed = frequency * torch.cos(frequency * x)
+    assert (grad - unsmoothed).abs().max() > 0.3  # the smoothing is really applied
