@@ -104,52 +104,48 @@ class RewardSmoothingConfig(_Strict):
     samples: int = Field(1, ge=1)
 
 
-class ResidualNablaDBConfig(_Strict):
-    """Residual ∇-DB with forward-looking flow (eq. 16–19). See docs/methods.md."""
+class _GradientFlowConfig(_Strict):
+    """Keys shared by the ∇-DB family: look-ahead flow score (eq. 15), loss weights, subsampling, smoothing."""
 
-    name: Literal["residual_nabla_db"] = "residual_nabla_db"
     beta: float = Field(0.5, gt=0)
-    prior_strength: float = Field(1.0, ge=0, description="η: target ∝ R^β · p_pretrained^η")
     gamma: Literal["alpha_bar", "sqrt_alpha_bar", "one"] = "sqrt_alpha_bar"
     lookahead: Literal["pretrained", "finetuned"] = "pretrained"
     weight_forward: float = Field(1.0, ge=0)
     weight_reverse: float = Field(1.0, ge=0)
     weight_terminal: float = Field(1.0, ge=0)
+    output_reg: float = Field(0.0, ge=0)
+    subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
+    reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
+
+
+class ResidualNablaDBConfig(_GradientFlowConfig):
+    """Residual ∇-DB with forward-looking flow (eq. 16–19). See docs/methods.md."""
+
+    name: Literal["residual_nabla_db"] = "residual_nabla_db"
+    prior_strength: float = Field(1.0, ge=0, description="η: target ∝ R^β · p_pretrained^η")
     forward_weighting: Literal["eps", "score"] = "eps"
     reverse_weighting: Literal["score", "variance"] = "score"
     reverse_target: Literal["propagated", "expected", "sampled"] = "propagated"
     detach_flow_in_forward: bool = True
     second_order: bool = False
-    output_reg: float = Field(0.0, ge=0)
-    subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
-    reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ResidualNablaDBConfig":
         if self.second_order and self.reverse_target != "sampled":
             raise ValueError(
-                "method.second_order: needs method.reverse_target=sampled (the expected target has no policy term)"
+                "method.second_order: needs method.reverse_target=sampled (the other targets have no policy term)"
             )
         return self
 
 
-class NablaDBConfig(_Strict):
+class NablaDBConfig(_GradientFlowConfig):
     """∇-DB without a prior (eq. 7–9): target ∝ R^β, backward policy = the noising kernel."""
 
     name: Literal["nabla_db"] = "nabla_db"
-    beta: float = Field(0.5, gt=0)
-    gamma: Literal["alpha_bar", "sqrt_alpha_bar", "one"] = "sqrt_alpha_bar"
-    lookahead: Literal["pretrained", "finetuned"] = "pretrained"
     reverse_target: Literal["expected", "sampled"] = "expected"
-    weight_forward: float = Field(1.0, ge=0)
-    weight_reverse: float = Field(1.0, ge=0)
-    weight_terminal: float = Field(1.0, ge=0)
     # without the prior the targets carry 1/(1 − r) times the policy's error: these weightings keep it stable
     forward_weighting: Literal["eps", "score"] = "score"
     reverse_weighting: Literal["score", "variance"] = "variance"
-    output_reg: float = Field(0.0, ge=0)
-    subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
-    reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
 
 
 class OptimizerConfig(_Strict):

@@ -65,20 +65,3 @@ class NablaDB(ResidualNablaDB):
         reverse_weight = variance if cfg.reverse_weighting == "variance" else torch.ones_like(variance)
         reverse_loss = batch_mean(reverse_weight * reverse_residual**2)
 
-        final_index = torch.full_like(batch.final_cond, kernel.num_steps)
-        terminal_loss = batch_mean(self.flow_score(batch.final_state, final_index, batch.final_cond) ** 2)
-        output_reg = batch_mean((eps_policy - batch.behaviour_eps) ** 2)
-
-        loss = (
-            cfg.weight_forward * forward_loss.mean()
-            + cfg.weight_reverse * reverse_loss.mean()
-            + cfg.weight_terminal * terminal_loss.mean()
-            + cfg.output_reg * output_reg.mean()
-        )
-        metrics = {
-            "loss/forward": forward_loss.mean().item(),
-            "loss/reverse": reverse_loss.mean().item(),
-            "loss/terminal": terminal_loss.mean().item(),
-            "loss/output_reg": output_reg.mean().item(),
-        }
-        return loss, metrics

@@ -93,12 +93,17 @@ class ResidualNablaDB(Method):
         reverse_weight = variance if cfg.reverse_weighting == "variance" else torch.ones_like(variance)
         reverse_loss = batch_mean(reverse_weight * reverse_residual**2)
 
-        # eq. 18: terminal flow loss, on each trajectory's final state
-        final_index = torch.full_like(batch.final_cond, kernel.num_steps)
+        return self.total_loss(forward_loss, reverse_loss, batch, eps_policy)
+
+    def total_loss(
+        self, forward_loss: Tensor, reverse_loss: Tensor, batch: TransitionBatch, eps_policy: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        """eq. 19: w_F·forward + w_B·reverse + terminal loss (eq. 18, on each trajectory's final state)
+        + λ‖ε_θ − ε_behaviour‖² (output regularisation against the ε stored at sampling time)."""
+        cfg = self.config
+        final_index = torch.full_like(batch.final_cond, self.kernel.num_steps)
         terminal_loss = batch_mean(self.flow_score(batch.final_state, final_index, batch.final_cond) ** 2)
-
         output_reg = batch_mean((eps_policy - batch.behaviour_eps) ** 2)
-
         loss = (
             cfg.weight_forward * forward_loss.mean()
             + cfg.weight_reverse * reverse_loss.mean()
