@@ -87,7 +87,7 @@ class SamplerConfig(_Strict):
 
     kind: Literal["ddpm", "ddim", "dpm_solver"] = "ddpm"
     steps: int = Field(50, ge=1, le=1000)
-    eta: float = Field(1.0, ge=0)
+    eta: float = Field(1.0, gt=0, description="DDIM η; > 0, since η = 0 is deterministic and has no log-probs")
 
 
 class SubsampleConfig(_Strict):

@@ -48,13 +48,14 @@ class ResidualNablaDB(Method):
         return torch.where(state_index == self.kernel.num_steps, torch.ones_like(gamma), gamma)
 
     def forward_looking_score(self, x: Tensor, state_index: Tensor, cond: Tensor, generator) -> Tensor:
-        """β γ_k ∇ log R(x̂_θ(x_k)), the fixed part of eq. 15 (detached)."""
+        """β γ_k ∇ log R(x̂(x_k)), the look-ahead part of eq. 15 (detached; x̂ per ``method.lookahead``)."""
         grad = self.predicted_log_reward_grad(x, state_index, cond, generator)
         scale = self.config.beta * self.gamma(state_index).to(x.dtype)
         return scale.reshape(-1, *([1] * (x.dim() - 1))) * grad
 
     def flow_score(self, x: Tensor, state_index: Tensor, cond: Tensor) -> Tensor:
-        """g_φ(x_k); zero by construction at the final state (eq. 15's terminal constraint is eq. 18)."""
+        """g_φ(x_k), the learned part of eq. 15; eq. 18 drives it to zero at final states, and the forward
+        loss of the last transition uses β ∇ log R(x_K) alone."""
         return self.flow_score_net(x, self.kernel.timestep_of_state(state_index), cond)
 
     def loss(self, batch: TransitionBatch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
