@@ -65,3 +65,4 @@ class NablaDB(ResidualNablaDB):
         reverse_weight = variance if cfg.reverse_weighting == "variance" else torch.ones_like(variance)
         reverse_loss = batch_mean(reverse_weight * reverse_residual**2)
 
+        return self.total_loss(forward_loss, reverse_loss, batch, eps_policy)
