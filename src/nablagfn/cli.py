@@ -81,7 +81,15 @@ def _write_run_figures(run, run_dir: Path) -> None:
         "finetuned": run.sample(num, seed=0, finetuned=True),
     }
     if target is not None:
-        panels["exact target"] = target.sample(num, torch.Generator().manual_seed(0))
+        from .eval.gmm import mode_weight_tv
+
+        exact = target.sample(num, torch.Generator().manual_seed(0))
+        reference = target.sample(200_000, torch.Generator().manual_seed(1))
+        panels = {
+            f"{name} (mode TV {mode_weight_tv(points, reference, run.backend.mixture):.3f})": points
+            for name, points in panels.items()
+        }
+        panels["exact target"] = exact
     path = plot_vector_samples(panels, run_dir / "samples.png", f"{run.config.method.name}, β={run.config.method.beta}")
     print(f"samples figure: {path}")
 

@@ -21,7 +21,7 @@ def plot_vector_samples(panels: dict[str, Tensor], path: Path, title: str = "") 
         axis.set_aspect("equal")
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.95) if title else None)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

@@ -198,7 +198,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_config(self.config))
             self.metrics_path.write_text("")
             self._log({"update": 0, **{f"eval/{k}": v for k, v in self.run.evaluate(train.eval_samples).items()}})
-        bar = tqdm(total=train.updates, initial=self.update, desc="train", disable=not self.progress, unit="upd")
+        bar = tqdm(total=train.updates, initial=self.update, desc="train", disable=not self.progress, unit="upd",
+                   mininterval=1.0)
         started = time.perf_counter()
         while self.update < train.updates:
             if self.epoch_data is None:
