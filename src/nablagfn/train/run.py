@@ -28,11 +28,11 @@ class Run:
         torch.manual_seed(config.train.seed)  # network initialisation
         backend = build_backend(config.model).to(config.train.device)
         reward = build_reward(config.reward).to(config.train.device)
-        try:
+        try:  # inconsistent combinations found while building (step counts, reward without gradients, …)
             kernel = make_kernel(config.sampler.kind, backend.schedule, config.sampler.steps, config.sampler.eta)
+            method = build_method(config.method, backend, reward, kernel)
         except ValueError as error:
             raise ConfigError(f"invalid config:\n  {error}") from None
-        method = build_method(config.method, backend, reward, kernel)
         return cls(config, backend, reward, kernel, method)
 
     def exact_target(self):
