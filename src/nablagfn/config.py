@@ -8,6 +8,7 @@ Every field is documented in docs/config.md.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -226,7 +227,7 @@ def _format_validation_error(error: ValidationError) -> str:
             message = f"unknown value {item['ctx']['tag']!r}; choose one of {item['ctx']['expected_tags']}"
         if item["type"] == "extra_forbidden":
             message = "unknown key (see docs/config.md for the valid ones)"
-        if key and message.startswith(key + ".") or message.startswith(f"{key}:"):
+        if re.match(r"^[a-z_]+(\.[a-z_]+)+:", message):
             lines.append(f"  {message}")  # our own validators already name the key
         else:
             lines.append(f"  {key or '<root>'}: {message}")
