@@ -156,3 +156,18 @@ def test_checkpoint_can_be_written_mid_epoch(tmp_path):
     config = load_config(None, [*BASE, "train.updates=1", "train.checkpoint_every=1"])
     Trainer(config, tmp_path, progress=False).train()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["update_0000001"]
+
+
+def test_wall_time_accumulates_across_resume_and_final_metrics_are_not_recomputed(tmp_path):
+    config = load_config(None, [*BASE, "train.checkpoint_every=3", "train.lr_schedule=constant",
+                                "train.trajectories_per_epoch=16"])
+    three = load_config(None, [*BASE, "train.checkpoint_every=3", "train.lr_schedule=constant",
+                               "train.trajectories_per_epoch=16", "train.updates=3"])
+    Trainer(three, tmp_path, progress=False).train()
+    first = [r for r in training_records(tmp_path) if r["update"] == 3][0]["time"]
+    resumed = Trainer(config, tmp_path, progress=False)
+    final = resumed.train(resume=True)
+    times = [r["time"] for r in training_records(tmp_path)]
+    assert times == sorted(times) and times[-1] > first > 0
+    last_eval = [r for r in records(tmp_path) if "eval/log_reward_mean" in r][-1]
+    assert final["log_reward_mean"] == last_eval["eval/log_reward_mean"]

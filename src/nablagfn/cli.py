@@ -8,7 +8,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import CheckpointError, ConfigError
 
 
 def _run_dir(out: str | None) -> Path:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"nablagfn: error: {error}", file=sys.stderr)
         return 2
-    except FileNotFoundError as error:
+    except (FileNotFoundError, CheckpointError) as error:
         print(f"nablagfn: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

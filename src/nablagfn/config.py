@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import ConfigError
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -207,10 +209,6 @@ class RunConfig(_Strict):
             key = "reward.center" if self.reward.kind == "gaussian" else "reward.direction"
             raise ValueError(f"{key}: has {len(vector)} entries but the model's states have {dim}")
         return self
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the offending key."""
 
 
 def _format_validation_error(error: ValidationError) -> str:

@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import CheckpointError
+
 
 def _optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = optimizer.state_dict()
@@ -92,7 +94,7 @@ def save_checkpoint(
 def load_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     path = Path(checkpoint) / "model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} has no model.safetensors (incomplete or not a checkpoint)")
+        raise CheckpointError(f"checkpoint {checkpoint} has no model.safetensors (incomplete or not a checkpoint)")
     return load_file(path)
 
 

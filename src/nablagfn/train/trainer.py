@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, dump_config
 from ..mdp.rollout import Trajectories, rollout
 from ..methods import make_transitions, subsample_steps
-from .checkpoint import list_checkpoints, load_model_tensors, load_training_state, save_checkpoint, split_prefix
+from .checkpoint import CheckpointError, list_checkpoints, load_model_tensors, load_training_state, save_checkpoint, split_prefix
 from .run import Run
 
 
@@ -56,6 +56,7 @@ class Trainer:
         self.epoch_order: torch.Tensor | None = None
         self.epoch_position = 0
         self.nonfinite_in_a_row = 0
+        self.elapsed = 0.0  # training wall time in seconds, across resumes
         self._pending_sample_metrics: dict[str, float] = {}  # reward of the latest sampled epoch, for the log
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -85,6 +86,7 @@ class Trainer:
         state = {
             "update": self.update, "epoch": self.epoch, "epoch_position": self.epoch_position,
             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_metrics": self._pending_sample_metrics,
+            "elapsed": self.elapsed,
         }
         return save_checkpoint(
             self.run_dir, self.update,
@@ -107,7 +109,7 @@ class Trainer:
         if self.epoch_sampled is not None:
             self.epoch_data = self.epoch_sampled if self.config.train.on_policy else self.previous
         self.epoch_order = tensors.get("epoch_order")
-        self._pending_sample_metrics = state["sample_metrics"]
+        self._pending_sample_metrics, self.elapsed = state["sample_metrics"], state["elapsed"]
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
@@ -200,7 +202,8 @@ class Trainer:
             self._log({"update": 0, **{f"eval/{k}": v for k, v in self.run.evaluate(train.eval_samples).items()}})
         bar = tqdm(total=train.updates, initial=self.update, desc="train", disable=not self.progress, unit="upd",
                    mininterval=1.0)
-        started = time.perf_counter()
+        started = time.perf_counter() - self.elapsed  # wall time accumulates across resumes
+        evaluation: dict[str, float] | None = None
         while self.update < train.updates:
             if self.epoch_data is None:
                 self._start_epoch()
@@ -209,8 +212,9 @@ class Trainer:
             if self.epoch_position >= len(self.epoch_data):
                 self._end_epoch()
             bar.update(1)
+            self.elapsed = time.perf_counter() - started
             if self.update % train.log_every == 0 or self.update == train.updates:
-                record = {"update": self.update, "epoch": self.epoch, "time": time.perf_counter() - started,
+                record = {"update": self.update, "epoch": self.epoch, "time": self.elapsed,
                           "lr/policy": self.optimizers["policy"].param_groups[0]["lr"], **metrics,
                           **self._pending_sample_metrics}
                 self._log(record)
@@ -223,7 +227,7 @@ class Trainer:
             if self.update % train.checkpoint_every == 0 or self.update == train.updates:
                 self.save()
         bar.close()
-        return self.run.evaluate(train.eval_samples)
+        return evaluation if evaluation is not None else self.run.evaluate(train.eval_samples)
 
 
 def load_weights(run: Run, checkpoint: Path) -> None:
@@ -232,6 +236,8 @@ def load_weights(run: Run, checkpoint: Path) -> None:
     missing, unexpected = run.backend.load_state_dict(split_prefix(tensors, "policy"), strict=False)
     adapter_names = set(run.backend.adapter_state_dict())
     if unexpected or adapter_names & set(missing):
-        raise ValueError(f"checkpoint {checkpoint} does not match this model (missing {sorted(adapter_names & set(missing))}, "
-                         f"unexpected {unexpected})")
+        raise CheckpointError(
+            f"checkpoint {checkpoint} does not match this model "
+            f"(missing {sorted(adapter_names & set(missing))}, unexpected {unexpected})"
+        )
     run.method.networks.load_state_dict(split_prefix(tensors, "method"))
