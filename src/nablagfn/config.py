@@ -85,6 +85,105 @@ class LinearRewardConfig(_Strict):
     direction: list[float] = Field(default_factory=lambda: [1.0, 0.0])
 
 
+class DigitsModelConfig(_Strict):
+    """The built-in 8×8 digits diffusion model (pretrained on scikit-learn's digits), finetuned with LoRA."""
+
+    kind: Literal["digits"] = "digits"
+    weights: str | None = Field(None, description="safetensors file from `nablagfn pretrain digits`; None: shipped")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float | None = Field(None, gt=0, description="None: equal to lora_rank")
+
+
+class PromptsConfig(_Strict):
+    """Where prompts come from: ``animals`` (45 built-in names) or a file (.txt one per line, .json list, .csv)."""
+
+    source: str = "animals"
+    column: str = Field("prompt", description="CSV column holding the prompt")
+    held_out: float = Field(0.0, ge=0, lt=1, description="fraction of prompts kept for evaluation only")
+    seed: int = Field(0, description="seed of the held-out split")
+
+
+class StableDiffusionModelConfig(_Strict):
+    """A diffusers Stable Diffusion pipeline (local directory or hub id) finetuned with peft LoRA."""
+
+    kind: Literal["stable_diffusion"] = "stable_diffusion"
+    path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: str | None = None
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="base weights; trainable ones are fp32")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float | None = Field(None, gt=0, description="None: equal to lora_rank")
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    guidance_scale: float = Field(5.0, ge=1, description="classifier-free guidance (1 = none)")
+    negative_prompt: str = ""
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    flow_channels: list[int] = Field(default_factory=lambda: [64, 128, 256, 256])
+    gradient_checkpointing: bool = False
+
+
+class ClassifierRewardConfig(_Strict):
+    """log p(y = digit | x) under the shipped digits classifier (digits model only)."""
+
+    kind: Literal["classifier"] = "classifier"
+    digit: int = Field(0, ge=0, le=9)
+    weights: str | None = Field(None, description="safetensors file from `nablagfn pretrain classifier`; None: shipped")
+
+
+class BrightnessRewardConfig(_Strict):
+    """Mean pixel intensity in [0, 1] (weight-free, differentiable; for demos and tests)."""
+
+    kind: Literal["brightness"] = "brightness"
+
+
+class AestheticRewardConfig(_Strict):
+    """LAION aesthetic predictor: CLIP ViT-L/14 image features (L2-normalised) → MLP."""
+
+    kind: Literal["aesthetic"] = "aesthetic"
+    clip_model: str = Field("openai/clip-vit-large-patch14", description="transformers CLIP directory or hub id")
+    head: str = Field(
+        "camenduru/improved-aesthetic-predictor:sac+logos+ava1-l14-linearMSE.pth",
+        description="the MLP's .pth file: a local path or owner/repo:filename",
+    )
+
+
+class HPSv2RewardConfig(_Strict):
+    """HPSv2 / HPSv2.1: OpenCLIP ViT-H-14 with the HPS checkpoint; score = image–text cosine."""
+
+    kind: Literal["hpsv2"] = "hpsv2"
+    version: Literal["v2.0", "v2.1"] = "v2.1"
+    checkpoint: str | None = Field(None, description="HPS .pt file; None: the version's file on the hub")
+    tokenizer: str = Field("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="CLIP tokenizer directory or hub id")
+
+
+class ImageRewardConfig(_Strict):
+    """ImageReward (BLIP ViT-L + BERT cross-attention + MLP), forward pass rebuilt differentiably."""
+
+    kind: Literal["imagereward"] = "imagereward"
+    checkpoint: str = Field("THUDM/ImageReward:ImageReward.pt", description="local path or owner/repo:filename")
+    tokenizer: str = Field("google-bert/bert-base-uncased", description="BERT tokenizer directory or hub id")
+
+
+class PickScoreRewardConfig(_Strict):
+    """PickScore: a CLIP ViT-H-14 finetuned on Pick-a-Pic; score = logit scale × image–text cosine."""
+
+    kind: Literal["pickscore"] = "pickscore"
+    model: str = "yuvalkirstain/PickScore_v1"
+    tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+class ClipScoreRewardConfig(_Strict):
+    """CLIP score: image–text cosine similarity (× 100) of a transformers CLIP model."""
+
+    kind: Literal["clip"] = "clip"
+    model: str = "openai/clip-vit-large-patch14"
+
+
+class JpegRewardConfig(_Strict):
+    """JPEG file size in kB at ``quality`` (not differentiable: only for gradient-free methods)."""
+
+    kind: Literal["jpeg_compressibility", "jpeg_incompressibility"] = "jpeg_compressibility"
+    quality: int = Field(95, ge=1, le=100)
+
+
 class SamplerConfig(_Strict):
     """``ddpm``: DDIM with η (1 = the paper's DDPM, 50 steps); ``dpm_solver``: first-order SDE-DPM-Solver++."""
 
@@ -189,8 +288,24 @@ class TrainConfig(_Strict):
         return self
 
 
-ModelConfig = Annotated[Union[GMMModelConfig], Field(discriminator="kind")]
-RewardConfig = Annotated[Union[GaussianRewardConfig, LinearRewardConfig], Field(discriminator="kind")]
+ModelConfig = Annotated[
+    Union[GMMModelConfig, DigitsModelConfig, StableDiffusionModelConfig], Field(discriminator="kind")
+]
+RewardConfig = Annotated[
+    Union[
+        GaussianRewardConfig,
+        LinearRewardConfig,
+        ClassifierRewardConfig,
+        BrightnessRewardConfig,
+        AestheticRewardConfig,
+        HPSv2RewardConfig,
+        ImageRewardConfig,
+        PickScoreRewardConfig,
+        ClipScoreRewardConfig,
+        JpegRewardConfig,
+    ],
+    Field(discriminator="kind"),
+]
 MethodConfig = Annotated[Union[ResidualNablaDBConfig, NablaDBConfig], Field(discriminator="name")]
 
 
@@ -203,12 +318,36 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":
-        dim = self.model.dim
-        vector = getattr(self.reward, "center", None) or getattr(self.reward, "direction", None)
-        if vector is not None and len(vector) != dim:
-            key = "reward.center" if self.reward.kind == "gaussian" else "reward.direction"
-            raise ValueError(f"{key}: has {len(vector)} entries but the model's states have {dim}")
+        model, reward = self.model.kind, self.reward.kind
+        if reward in VECTOR_REWARDS:
+            if model != "gmm":
+                raise ValueError(f"reward.kind: {reward!r} is a reward on vectors; model.kind={model!r} makes images")
+            vector = self.reward.center if reward == "gaussian" else self.reward.direction
+            if len(vector) != self.model.dim:
+                key = "reward.center" if reward == "gaussian" else "reward.direction"
+                raise ValueError(f"{key}: has {len(vector)} entries but the model's states have {self.model.dim}")
+        elif model == "gmm":
+            raise ValueError(f"reward.kind: {reward!r} is an image reward; model.kind=gmm needs gaussian or linear")
+        if reward == "classifier" and model != "digits":
+            raise ValueError("reward.kind: 'classifier' is the digits classifier; it needs model.kind=digits")
         return self
+
+
+VECTOR_REWARDS = ("gaussian", "linear")
+
+
+def _tag_values(union: Any) -> set[str]:
+    """All discriminator values of an annotated union (pydantic puts them in error locations)."""
+    values: set[str] = set()
+    for member in union.__origin__.__args__:
+        for name in ("kind", "name"):
+            field = member.model_fields.get(name)
+            if field is not None:
+                values.update(field.annotation.__args__)
+    return values
+
+
+_TAG_VALUES = _tag_values(ModelConfig) | _tag_values(RewardConfig) | _tag_values(MethodConfig)
 
 
 def _format_validation_error(error: ValidationError) -> str:
@@ -216,7 +355,7 @@ def _format_validation_error(error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-after"))
         # drop the discriminator tag pydantic inserts (e.g. model.gmm.means → model.means)
-        parts = [p for p in key.split(".") if p not in {"gmm", "gaussian", "linear", "residual_nabla_db", "nabla_db"}]
+        parts = [p for p in key.split(".") if p not in _TAG_VALUES]
         key = ".".join(parts)
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "union_tag_invalid":
@@ -272,12 +411,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return validate_config(tree)
 
 
-_DEFAULT_TAGS = {"model": ("kind", "gmm"), "reward": ("kind", "gaussian"), "method": ("name", "residual_nabla_db")}
+#: the reward used when a config names a model but no reward kind
+DEFAULT_REWARD = {"gmm": "gaussian", "digits": "classifier", "stable_diffusion": "aesthetic"}
 
 
 def validate_config(tree: dict) -> RunConfig:
     tree = dict(tree)
-    for section, (tag, default) in _DEFAULT_TAGS.items():
+    model = tree.get("model")
+    model_kind = model.get("kind", "gmm") if isinstance(model, dict) else "gmm"
+    defaults = {"model": ("kind", "gmm"), "method": ("name", "residual_nabla_db")}
+    defaults["reward"] = ("kind", DEFAULT_REWARD.get(model_kind, "gaussian"))
+    if model_kind != "gmm" and "reward" not in tree:
+        tree["reward"] = {}
+    for section, (tag, default) in defaults.items():
         if isinstance(tree.get(section), dict):
             tree[section] = {tag: default, **tree[section]}
     try:

@@ -20,6 +20,8 @@ class Backend(nn.Module, ABC):
 
     schedule: NoiseSchedule
     sample_shape: tuple[int, ...]
+    #: conditioning id i means prompts[i] (text backends); empty when there is no text
+    prompts: list[str] = []
 
     @property
     def device(self) -> torch.device:
@@ -30,8 +32,9 @@ class Backend(nn.Module, ABC):
         """Guided ε(x, t | cond): the finetuned model, or the pretrained one with the adapter off."""
 
     @abstractmethod
-    def sample_conditions(self, num: int, generator: torch.Generator) -> Tensor:
-        """Conditioning ids (long, shape (num,)) for ``num`` new trajectories."""
+    def sample_conditions(self, num: int, generator: torch.Generator, split: str = "train") -> Tensor:
+        """Conditioning ids (long, shape (num,), on the CPU) for ``num`` new trajectories, drawn from the
+        ``train`` or held-out ``eval`` conditions (backends without a held-out split use one set for both)."""
 
     @abstractmethod
     def decode(self, x: Tensor) -> Tensor:
@@ -43,7 +46,9 @@ class Backend(nn.Module, ABC):
 
     @abstractmethod
     def make_flow_score_net(self) -> nn.Module:
-        """A network g_φ(x, t, cond) with the state's shape as output that starts at exactly zero."""
+        """A network g_φ(x, t, cond) with the state's shape as output that starts at exactly zero.
+
+        ``cond`` are conditioning ids; a text backend's net maps them to embeddings itself."""
 
     def predict_clean(self, x: Tensor, timestep: Tensor, eps: Tensor) -> Tensor:
         """One-step clean prediction x̂(x_t) = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t (eq. 2's x_θ)."""

@@ -100,7 +100,7 @@ class GaussianMixtureBackend(Backend):
             eps = eps + self.residual(x, timestep)
         return eps
 
-    def sample_conditions(self, num: int, generator: torch.Generator) -> Tensor:
+    def sample_conditions(self, num: int, generator: torch.Generator, split: str = "train") -> Tensor:
         return torch.zeros(num, dtype=torch.long)
 
     def decode(self, x: Tensor) -> Tensor:

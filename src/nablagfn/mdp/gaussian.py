@@ -66,7 +66,7 @@ class GaussianKernel:
     ) -> tuple[Tensor, Tensor]:
         """Draw x_next ~ N(μ, σ²); returns (x_next, μ)."""
         mean = self.mean(x, eps, step)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         return mean + self.std_like(x, step) * noise, mean
 
     def log_prob(self, x_next: Tensor, mean: Tensor, step: Tensor) -> Tensor:

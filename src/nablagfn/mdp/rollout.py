@@ -55,7 +55,9 @@ def rollout(
 ) -> Trajectories | Tensor:
     """Sample len(cond) trajectories; return them (``record``) or only the final states."""
     batch = cond.shape[0]
-    x = torch.randn((batch, *backend.sample_shape), generator=generator, device=backend.device)
+    # noise drawn on the CPU from the CPU generator, so runs reproduce across devices
+    x = torch.randn((batch, *backend.sample_shape), generator=generator).to(backend.device)
+    cond = cond.to(backend.device)
     states, eps_list, log_probs = [x], [], []
     for i in range(kernel.num_steps):
         step = torch.full((batch,), i, dtype=torch.long, device=x.device)
@@ -70,5 +72,8 @@ def rollout(
         return x
     return Trajectories(
         states=torch.stack(states, 1),
-        timesteps=kernel.state_timesteps.to(x.device).expand(batch, -1).clone(), eps=torch.stack(eps_list, 1), log_probs=torch.stack(log_probs, 1), cond=cond
+        timesteps=kernel.state_timesteps.to(x.device).expand(batch, -1).clone(),
+        eps=torch.stack(eps_list, 1),
+        log_probs=torch.stack(log_probs, 1),
+        cond=cond,
     )

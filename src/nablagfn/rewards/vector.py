@@ -17,6 +17,10 @@ class GaussianReward(Reward):
         self.register_buffer("center", torch.tensor(center, dtype=torch.float32))
         self.scale = scale
 
+    @classmethod
+    def from_config(cls, config) -> "GaussianReward":
+        return cls(config.center, config.scale)
+
     def log_reward(self, y: Tensor, cond: Tensor) -> Tensor:
         return -((y - self.center) ** 2).sum(-1) / (2 * self.scale**2)
 
@@ -43,6 +47,10 @@ class LinearReward(Reward):
     def __init__(self, direction: list[float]):
         super().__init__()
         self.register_buffer("direction", torch.tensor(direction, dtype=torch.float32))
+
+    @classmethod
+    def from_config(cls, config) -> "LinearReward":
+        return cls(config.direction)
 
     def log_reward(self, y: Tensor, cond: Tensor) -> Tensor:
         return y @ self.direction.to(y.dtype)
