@@ -1,22 +1,29 @@
-"""Backends: the models being finetuned, behind one interface (``Backend``)."""
+"""Backends: the models being finetuned, behind one interface (``Backend``), built from ``model.kind``.
 
-from ..mdp.schedules import NoiseSchedule
+Heavy backends are imported only when used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
 from .base import Backend
 from .gmm import GaussianMixture, GaussianMixtureBackend
 
+#: model.kind → "module:Class"; each class builds itself with ``from_config(config)``
+BACKENDS: dict[str, str] = {
+    "gmm": "gmm:GaussianMixtureBackend",
+    "digits": "digits:DigitsBackend",
+    "stable_diffusion": "stable_diffusion:StableDiffusionBackend",
+}
+
 
 def build_backend(config) -> Backend:
-    if config.kind == "gmm":
-        schedule = NoiseSchedule.make(
-            config.schedule.kind,
-            config.schedule.num_train_timesteps,
-            config.schedule.beta_start,
-            config.schedule.beta_end,
-        )
-        weights = config.weights or [1.0] * len(config.means)
-        mixture = GaussianMixture(config.means, config.stds, weights)
-        return GaussianMixtureBackend(mixture, schedule, config.hidden, config.layers)
-    raise ValueError(f"unknown model.kind {config.kind!r}")
+    if config.kind not in BACKENDS:
+        raise ValueError(f"unknown model.kind {config.kind!r}")
+    module_name, class_name = BACKENDS[config.kind].split(":")
+    backend_class = getattr(import_module(f".{module_name}", __name__), class_name)
+    return backend_class.from_config(config)
 
 
-__all__ = ["Backend", "GaussianMixture", "GaussianMixtureBackend", "build_backend"]
+__all__ = ["BACKENDS", "Backend", "GaussianMixture", "GaussianMixtureBackend", "build_backend"]

@@ -22,6 +22,8 @@ class Backend(nn.Module, ABC):
     sample_shape: tuple[int, ...]
     #: conditioning id i means prompts[i] (text backends); empty when there is no text
     prompts: list[str] = []
+    #: most trajectories sampled (or samples decoded and rewarded) in one batch
+    sample_batch_size: int = 4096
 
     @property
     def device(self) -> torch.device:

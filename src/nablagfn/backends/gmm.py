@@ -89,6 +89,17 @@ class GaussianMixtureBackend(Backend):
         self.residual = TimeConditionedMLP(mixture.dim, hidden, layers)
         self._hidden, self._layers = hidden, layers
 
+    @classmethod
+    def from_config(cls, config) -> "GaussianMixtureBackend":
+        schedule = NoiseSchedule.make(
+            config.schedule.kind,
+            config.schedule.num_train_timesteps,
+            config.schedule.beta_start,
+            config.schedule.beta_end,
+        )
+        mixture = GaussianMixture(config.means, config.stds, config.weights or [1.0] * len(config.means))
+        return cls(mixture, schedule, config.hidden, config.layers)
+
     def pretrained_eps(self, x: Tensor, timestep: Tensor) -> Tensor:
         abar = self.schedule.alphas_cumprod[timestep.cpu()].to(torch.float64)
         eps = -(1 - abar).sqrt()[:, None].to(x.device) * self.mixture.score(x.cpu(), abar).to(x.device)

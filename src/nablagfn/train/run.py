@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -10,6 +10,7 @@ from ..backends import Backend, GaussianMixtureBackend, build_backend
 from ..config import ConfigError, RunConfig
 from ..eval.gmm import target_metrics
 from ..mdp import GaussianKernel, make_kernel, rollout
+from ..mdp.rollout import Trajectories
 from ..methods import Method, build_method
 from ..rewards import Reward, build_reward
 from ..rewards.vector import exact_target
@@ -28,6 +29,7 @@ class Run:
         torch.manual_seed(config.train.seed)  # network initialisation
         backend = build_backend(config.model).to(config.train.device)
         reward = build_reward(config.reward).to(config.train.device)
+        reward.set_prompts(backend.prompts)
         try:  # inconsistent combinations found while building (step counts, reward without gradients, …)
             kernel = make_kernel(config.sampler.kind, backend.schedule, config.sampler.steps, config.sampler.eta)
             method = build_method(config.method, backend, reward, kernel)
@@ -43,17 +45,37 @@ class Run:
         return exact_target(self.backend.mixture, self.reward, method.beta, getattr(method, "prior_strength", 0.0))
 
     @torch.no_grad()
+    def rollout(self, cond: torch.Tensor, generator: torch.Generator, finetuned: bool = True, record: bool = True):
+        """``rollout`` in chunks of the backend's ``sample_batch_size`` (same draws as one big batch would not be:
+        the chunking is fixed by the backend, so results are reproducible for a given backend)."""
+        size = self.backend.sample_batch_size
+        parts = [
+            rollout(self.backend, self.kernel, cond[start : start + size], generator, finetuned, record)
+            for start in range(0, len(cond), size)
+        ]
+        if not record:
+            return torch.cat(parts)
+        return Trajectories(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectories)})
+
+    @torch.no_grad()
+    def log_reward(self, states: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """log R(decode(x)) of final states, in chunks of the backend's ``sample_batch_size``."""
+        size = self.backend.sample_batch_size
+        return torch.cat(
+            [
+                self.reward.log_reward(self.backend.decode(states[start : start + size]), cond[start : start + size])
+                for start in range(0, len(states), size)
+            ]
+        )
+
+    @torch.no_grad()
     def sample_with_conditions(
-        self, num: int, seed: int, finetuned: bool = True, batch_size: int = 4096
+        self, num: int, seed: int, finetuned: bool = True, split: str = "train"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final states of ``num`` fresh trajectories and their conditioning ids, reproducible from ``seed``."""
         generator = torch.Generator().manual_seed(seed)
-        states, conds = [], []
-        for start in range(0, num, batch_size):
-            cond = self.backend.sample_conditions(min(batch_size, num - start), generator)
-            states.append(rollout(self.backend, self.kernel, cond, generator, finetuned=finetuned, record=False))
-            conds.append(cond)
-        return torch.cat(states), torch.cat(conds)
+        cond = self.backend.sample_conditions(num, generator, split)
+        return self.rollout(cond, generator, finetuned, record=False), cond.to(self.backend.device)
 
     def sample(self, num: int, seed: int, finetuned: bool = True) -> torch.Tensor:
         return self.sample_with_conditions(num, seed, finetuned)[0]
@@ -62,7 +84,7 @@ class Run:
     def evaluate(self, num: int, seed: int = 1234, finetuned: bool = True) -> dict[str, float]:
         """Mean log-reward, and the ground-truth distances when the target is known."""
         samples, cond = self.sample_with_conditions(num, seed, finetuned)
-        log_reward = self.reward.log_reward(self.backend.decode(samples), cond)
+        log_reward = self.log_reward(samples, cond)
         metrics = {"log_reward_mean": log_reward.mean().item(), "log_reward_std": log_reward.std().item()}
         target = self.exact_target()
         if target is not None:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, dump_config
-from ..mdp.rollout import Trajectories, rollout
+from ..mdp.rollout import Trajectories
 from ..methods import make_transitions, subsample_steps
 from .checkpoint import CheckpointError, list_checkpoints, load_model_tensors, load_training_state, save_checkpoint, split_prefix
 from .run import Run
@@ -128,7 +128,7 @@ class Trainer:
     def _sample_epoch(self) -> Trajectories:
         run = self.run
         cond = run.backend.sample_conditions(self.config.train.trajectories_per_epoch, self.generator)
-        return rollout(run.backend, run.kernel, cond, self.generator)
+        return run.rollout(cond, self.generator)
 
     def _start_epoch(self) -> None:
         if self.previous is None and not self.config.train.on_policy:
@@ -138,7 +138,7 @@ class Trainer:
         self.epoch_order = torch.randperm(len(self.epoch_data), generator=self.generator)
         self.epoch_position = 0
         final = self.epoch_sampled.final
-        log_reward = self.run.reward.log_reward(self.run.backend.decode(final), self.epoch_sampled.cond)
+        log_reward = self.run.log_reward(final, self.epoch_sampled.cond)
         self._pending_sample_metrics = {"sample/log_reward_mean": log_reward.mean().item()}
 
     def _end_epoch(self) -> None:
