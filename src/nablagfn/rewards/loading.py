@@ -42,8 +42,16 @@ def resolve_file(source: str, key: str) -> Path:
         ) from None
 
 
-def resolve_dir(source: str, key: str, required: tuple[str, ...] = ("config.json",)) -> str:
-    """A ``from_pretrained`` source: a local directory holding ``required``, or a hub id available offline/online."""
+#: what a tokenizer needs from a hub repository (not its multi-GB weights)
+TOKENIZER_FILES = ("*.json", "*.txt", "*.model")
+
+
+def resolve_dir(
+    source: str, key: str, required: tuple[str, ...] = ("config.json",), allow_patterns: tuple[str, ...] | None = None
+) -> str:
+    """A ``from_pretrained`` source: a local directory holding ``required``, or a hub id available offline/online.
+
+    ``allow_patterns`` limits what is fetched from the hub (e.g. ``TOKENIZER_FILES`` for a tokenizer)."""
     local = Path(source).expanduser()
     if local.is_dir():
         missing = [name for name in required if not (local / name).exists()]
@@ -55,7 +63,7 @@ def resolve_dir(source: str, key: str, required: tuple[str, ...] = ("config.json
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(source)
+        return snapshot_download(source, allow_patterns=list(allow_patterns) if allow_patterns else None)
     except Exception as error:
         raise ConfigError(
             f"{key}: model {source!r} is not available locally and {_offline_hint()} ({type(error).__name__}). "

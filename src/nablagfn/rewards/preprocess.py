@@ -26,8 +26,8 @@ def resize_shorter_side(y: Tensor, size: int) -> Tensor:
     height, width = y.shape[-2:]
     if min(height, width) == size:
         return y
-    scale = size / min(height, width)
-    new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+    short = min(height, width)  # the long side is rounded down, as torchvision and transformers do
+    new_size = (size, int(size * width / short)) if height == short else (int(size * height / short), size)
     return F.interpolate(y, size=new_size, mode="bicubic", align_corners=False, antialias=True)
 
 

@@ -1,0 +1,419 @@
+"""ImageReward (Xu et al., 2023): a BLIP image–text model finetuned on human preference rankings.
+
+The model is BLIP's ViT (ViT-L/16 at 224 px) feeding a BERT text encoder that
+cross-attends to the image tokens in every layer; the text encoder's [CLS] state
+goes through an MLP head (768→1024→128→64→16→1, no activations) and the result
+is normalised with the constants of the official code: (mlp(cls) − mean) / std.
+The ``image-reward`` package does not run with current transformers, so the
+forward pass of its differentiable entry point (``ImageReward.score_gard``) is
+rebuilt here from plain torch modules whose parameter names are exactly the keys
+of the official checkpoint ``ImageReward.pt`` (hub repo ``THUDM/ImageReward``,
+a ``torch.save``d state dict). Prompts are tokenised with the BERT-base-uncased
+tokenizer plus BLIP's extra [DEC] and [ENC] tokens, padded to 35 tokens; the
+scoring path keeps [CLS] as the first token. Architecture sizes are read from
+the checkpoint's tensor shapes, so any checkpoint in this key layout loads.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .base import Reward
+from .loading import resolve_dir, resolve_file
+from .preprocess import clip_preprocess
+
+#: normalisation of the raw head output, from the official ImageReward code
+REWARD_MEAN = 0.16717362830052426
+REWARD_STD = 1.0333394966054072
+#: prompts are padded/truncated to this many tokens (official scoring path)
+MAX_TEXT_LENGTH = 35
+#: attention head width of both towers (ViT-L: 1024 / 16 heads, BERT-base: 768 / 12 heads)
+HEAD_DIM = 64
+VISION_LAYER_NORM_EPS = 1e-6
+TEXT_LAYER_NORM_EPS = 1e-12
+#: positions of the Linear layers in the head's nn.Sequential (the others are dropouts)
+HEAD_LINEAR_INDICES = (0, 2, 4, 6, 7)
+HEAD_LENGTH = 8
+#: checkpoint entries the scoring path does not use: BLIP's contrastive projections and a
+#: saved buffer of position ids (positions are always 0..L−1)
+UNUSED_KEYS = (
+    "blip.vision_proj.weight",
+    "blip.vision_proj.bias",
+    "blip.text_proj.weight",
+    "blip.text_proj.bias",
+    "blip.text_encoder.embeddings.position_ids",
+)
+VISION_PREFIX = "blip.visual_encoder."
+TEXT_PREFIX = "blip.text_encoder."
+
+
+@dataclass(frozen=True)
+class ImageRewardArch:
+    """Sizes of an ImageReward model (the official one: ViT-L/16 at 224 px, BERT-base, 768→…→1 head)."""
+
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_depth: int
+    vision_heads: int
+    vision_mlp: int
+    vocab_size: int
+    max_positions: int
+    text_width: int
+    text_depth: int
+    text_heads: int
+    text_intermediate: int
+    head_sizes: tuple[int, ...]
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], head_dim: int = HEAD_DIM) -> ImageRewardArch:
+        """Read the sizes off the checkpoint's tensor shapes (head counts: width / ``head_dim``)."""
+        patch = state[VISION_PREFIX + "patch_embed.proj.weight"]
+        vision_width, patch_size = patch.shape[0], patch.shape[-1]
+        grid = round((state[VISION_PREFIX + "pos_embed"].shape[1] - 1) ** 0.5)
+        words = state[TEXT_PREFIX + "embeddings.word_embeddings.weight"]
+        text_width = words.shape[1]
+        head_sizes = [state[f"mlp.layers.{HEAD_LINEAR_INDICES[0]}.weight"].shape[1]]
+        head_sizes += [state[f"mlp.layers.{i}.weight"].shape[0] for i in HEAD_LINEAR_INDICES]
+        for name, width in (("vision", vision_width), ("text", text_width)):
+            if width % head_dim:
+                raise ValueError(f"{name} width {width} is not a multiple of the attention head width {head_dim}")
+        return cls(
+            image_size=grid * patch_size,
+            patch_size=patch_size,
+            vision_width=vision_width,
+            vision_depth=_count_layers(state, rf"{re.escape(VISION_PREFIX)}blocks\.(\d+)\."),
+            vision_heads=vision_width // head_dim,
+            vision_mlp=state[VISION_PREFIX + "blocks.0.mlp.fc1.weight"].shape[0],
+            vocab_size=words.shape[0],
+            max_positions=state[TEXT_PREFIX + "embeddings.position_embeddings.weight"].shape[0],
+            text_width=text_width,
+            text_depth=_count_layers(state, rf"{re.escape(TEXT_PREFIX)}encoder\.layer\.(\d+)\."),
+            text_heads=text_width // head_dim,
+            text_intermediate=state[TEXT_PREFIX + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+            head_sizes=tuple(head_sizes),
+        )
+
+
+def _count_layers(state: dict[str, Tensor], pattern: str) -> int:
+    indices = {int(match.group(1)) for key in state if (match := re.match(pattern, key))}
+    return max(indices) + 1 if indices else 0
+
+
+def _attention(query: Tensor, key: Tensor, value: Tensor, heads: int, key_mask: Tensor | None = None) -> Tensor:
+    """Multi-head scaled dot-product attention on (B, L, D) projections; ``key_mask`` (B, Lk) is True where attended."""
+    batch, length, width = query.shape
+
+    def split(x: Tensor) -> Tensor:
+        return x.view(batch, x.shape[1], heads, width // heads).transpose(1, 2)
+
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask)
+    return out.transpose(1, 2).reshape(batch, length, width)
+
+
+# --- vision tower: BLIP's VisionTransformer (pre-norm ViT, exact GELU, LayerNorm eps 1e-6) ---
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.proj(pixels).flatten(2).transpose(1, 2)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        query, key, value = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(_attention(query, key, value, self.heads))
+
+
+class VisionMlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=VISION_LAYER_NORM_EPS)
+        self.attn = VisionAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=VISION_LAYER_NORM_EPS)
+        self.mlp = VisionMlp(width, mlp_hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """Normalised image (B, 3, S, S) → tokens (B, 1 + (S/patch)², width), [CLS] first, final LayerNorm applied."""
+
+    def __init__(self, arch: ImageRewardArch):
+        super().__init__()
+        width = arch.vision_width
+        self.patch_embed = PatchEmbed(arch.patch_size, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (arch.image_size // arch.patch_size) ** 2 + 1, width))
+        self.blocks = nn.ModuleList(
+            VisionBlock(width, arch.vision_heads, arch.vision_mlp) for _ in range(arch.vision_depth)
+        )
+        self.norm = nn.LayerNorm(width, eps=VISION_LAYER_NORM_EPS)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        patches = self.patch_embed(pixels)
+        x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+# --- text tower: BLIP's med.py BertModel (post-norm BERT, cross-attention in every layer, no token types) ---
+
+
+class BertSelfAttention(nn.Module):
+    """Query from the text; key/value from the text (self-attention) or the image tokens (cross-attention)."""
+
+    def __init__(self, width: int, context_width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(context_width, width)
+        self.value = nn.Linear(context_width, width)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
+        return _attention(self.query(x), self.key(context), self.value(context), self.heads, context_mask)
+
+
+class BertResidualOutput(nn.Module):
+    """LayerNorm(dense(h) + residual)."""
+
+    def __init__(self, in_width: int, width: int):
+        super().__init__()
+        self.dense = nn.Linear(in_width, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=TEXT_LAYER_NORM_EPS)
+
+    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dense(hidden) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, width: int, context_width: int, heads: int):
+        super().__init__()
+        self.self = BertSelfAttention(width, context_width, heads)
+        self.output = BertResidualOutput(width, width)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
+        return self.output(self.self(x, context, context_mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.dense = nn.Linear(width, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, arch: ImageRewardArch):
+        super().__init__()
+        width = arch.text_width
+        self.attention = BertAttention(width, width, arch.text_heads)
+        self.crossattention = BertAttention(width, arch.vision_width, arch.text_heads)
+        self.intermediate = BertIntermediate(width, arch.text_intermediate)
+        self.output = BertResidualOutput(arch.text_intermediate, width)
+
+    def forward(self, x: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
+        x = self.attention(x, x, text_mask)
+        x = self.crossattention(x, image_tokens, None)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, arch: ImageRewardArch):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(arch) for _ in range(arch.text_depth))
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, arch: ImageRewardArch):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(arch.vocab_size, arch.text_width)
+        self.position_embeddings = nn.Embedding(arch.max_positions, arch.text_width)
+        self.LayerNorm = nn.LayerNorm(arch.text_width, eps=TEXT_LAYER_NORM_EPS)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions))
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, L) with padding mask, image tokens (B, N, vision width) → text states (B, L, text width)."""
+
+    def __init__(self, arch: ImageRewardArch):
+        super().__init__()
+        self.embeddings = BertEmbeddings(arch)
+        self.encoder = BertEncoder(arch)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor) -> Tensor:
+        x = self.embeddings(input_ids)
+        text_mask = attention_mask.bool()
+        for layer in self.encoder.layer:
+            x = layer(x, text_mask, image_tokens)
+        return x
+
+
+class Blip(nn.Module):
+    """The parts of BLIP the ImageReward score uses."""
+
+    def __init__(self, arch: ImageRewardArch):
+        super().__init__()
+        self.visual_encoder = VisionTransformer(arch)
+        self.text_encoder = TextEncoder(arch)
+
+
+class RewardHead(nn.Module):
+    """Linear layers without activations; the official head's dropouts sit at the other indices (identity here)."""
+
+    def __init__(self, sizes: tuple[int, ...]):
+        super().__init__()
+        modules: list[nn.Module] = [nn.Identity() for _ in range(HEAD_LENGTH)]
+        for index, (n_in, n_out) in zip(HEAD_LINEAR_INDICES, pairwise(sizes)):
+            modules[index] = nn.Linear(n_in, n_out)
+        self.layers = nn.Sequential(*modules)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layers(features)
+
+
+def _vocab_file(source: str, key: str) -> Path:
+    """The BERT vocabulary: a vocab.txt file, a tokenizer directory holding one, or a hub id (only vocab.txt is fetched)."""
+    local = Path(source).expanduser()
+    if local.is_file():
+        return local
+    if local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        return Path(resolve_dir(source, key, required=("vocab.txt",))) / "vocab.txt"
+    return resolve_file(f"{source}:vocab.txt", key)
+
+
+def load_blip_tokenizer(source: str, key: str = "reward.tokenizer"):
+    """BERT-base-uncased WordPiece tokenizer with BLIP's extra tokens [DEC] (bos) and [ENC]."""
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer(vocab=str(_vocab_file(source, key)), do_lower_case=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+class ImageRewardModel(Reward):
+    """log R(y | prompt) = ImageReward score of image y for its prompt (normalised, roughly zero-mean unit-variance)."""
+
+    uses_prompts = True
+
+    def __init__(self, arch: ImageRewardArch, tokenizer):
+        super().__init__()
+        if MAX_TEXT_LENGTH > arch.max_positions:
+            raise ValueError(f"the text encoder has {arch.max_positions} positions, fewer than {MAX_TEXT_LENGTH}")
+        if len(tokenizer) > arch.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the text encoder only {arch.vocab_size}")
+        self.arch = arch
+        self.tokenizer = tokenizer
+        self.blip = Blip(arch)
+        self.mlp = RewardHead(arch.head_sizes)
+        self._tokens: dict[str, tuple[Tensor, Tensor]] = {}
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_config(cls, config) -> ImageRewardModel:
+        path = resolve_file(config.checkpoint, "reward.checkpoint")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            arch = ImageRewardArch.from_state_dict(state)
+        except (
+            RuntimeError,
+            pickle.UnpicklingError,
+            EOFError,
+            LookupError,
+            ValueError,
+            AttributeError,
+            TypeError,
+        ) as error:
+            raise ConfigError(
+                f"reward.checkpoint: {str(path)!r} is not an ImageReward checkpoint ({type(error).__name__}: {error})"
+            ) from None
+        tokenizer = load_blip_tokenizer(config.tokenizer, "reward.tokenizer")
+        try:
+            model = cls(arch, tokenizer)
+        except ValueError as error:
+            raise ConfigError(f"reward.tokenizer and reward.checkpoint do not fit together: {error}") from None
+        model.load_checkpoint(state, path)
+        return model
+
+    def load_checkpoint(self, state: dict[str, Tensor], path: Path) -> None:
+        """Load the official state dict exactly (all keys but ``UNUSED_KEYS`` must match)."""
+        used = {key: value for key, value in state.items() if key not in UNUSED_KEYS}
+        try:
+            self.load_state_dict(used, strict=True)
+        except RuntimeError as error:
+            raise ConfigError(
+                f"reward.checkpoint: {str(path)!r} does not match the ImageReward layout: {error}"
+            ) from None
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        super().set_prompts(prompts)
+        self._tokenize(prompts)
+
+    def _tokenize(self, prompts: list[str]) -> None:
+        new = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._tokens]
+        if not new:
+            return
+        encoded = self.tokenizer(
+            new, padding="max_length", truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt"
+        )
+        for i, prompt in enumerate(new):
+            self._tokens[prompt] = (encoded["input_ids"][i], encoded["attention_mask"][i])
+
+    def prompt_tokens(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Token ids and padding mask (B, 35) of each prompt, tokenised once per prompt string."""
+        self._tokenize(prompts)
+        ids = torch.stack([self._tokens[prompt][0] for prompt in prompts]).to(device)
+        mask = torch.stack([self._tokens[prompt][1] for prompt in prompts]).to(device)
+        return ids, mask
+
+    def score(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Normalised ImageReward of preprocessed images (B, 3, S, S) with their prompts' tokens; shape (B,)."""
+        image_tokens = self.blip.visual_encoder(pixels)
+        text = self.blip.text_encoder(input_ids, attention_mask, image_tokens)
+        raw = self.mlp(text[:, 0]).squeeze(-1)
+        return (raw - REWARD_MEAN) / REWARD_STD
+
+    def log_reward(self, y: Tensor, cond: Tensor) -> Tensor:
+        input_ids, attention_mask = self.prompt_tokens(self.prompts_of(cond), y.device)
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            return self.score(clip_preprocess(y, self.arch.image_size), input_ids, attention_mask)
