@@ -107,8 +107,12 @@ class StableDiffusionModelConfig(_Strict):
     """A diffusers Stable Diffusion pipeline (local directory or hub id) finetuned with peft LoRA."""
 
     kind: Literal["stable_diffusion"] = "stable_diffusion"
-    path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    revision: str | None = None
+    path: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="diffusers pipeline directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+        "scheduler/) or hub id",
+    )
+    revision: str | None = Field(None, description="hub revision (hub ids only)")
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="base weights; trainable ones are fp32")
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float | None = Field(None, gt=0, description="None: equal to lora_rank")
@@ -116,8 +120,19 @@ class StableDiffusionModelConfig(_Strict):
     guidance_scale: float = Field(5.0, ge=1, description="classifier-free guidance (1 = none)")
     negative_prompt: str = ""
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
-    flow_channels: list[int] = Field(default_factory=lambda: [64, 128, 256, 256])
-    gradient_checkpointing: bool = False
+    flow_channels: list[int] = Field(
+        default_factory=lambda: [64, 128, 256, 256],
+        min_length=1,
+        description="g_φ's UNet widths, one block each; every width a multiple of 8",
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute UNet/VAE activations in backward (less memory)")
+    sample_batch_size: int = Field(8, ge=1, description="trajectories per sampling batch and images per decode")
+
+    @model_validator(mode="after")
+    def _flow_widths(self) -> "StableDiffusionModelConfig":
+        if any(width < 8 or width % 8 for width in self.flow_channels):
+            raise ValueError(f"model.flow_channels: every width must be a multiple of 8, got {self.flow_channels}")
+        return self
 
 
 class ClassifierRewardConfig(_Strict):
@@ -146,35 +161,51 @@ class AestheticRewardConfig(_Strict):
 
 
 class HPSv2RewardConfig(_Strict):
-    """HPSv2 / HPSv2.1: OpenCLIP ViT-H-14 with the HPS checkpoint; score = image–text cosine."""
+    """HPSv2 / HPSv2.1: OpenCLIP ViT-H-14 with the HPS checkpoint; score = image–text cosine (as hpsv2.score)."""
 
     kind: Literal["hpsv2"] = "hpsv2"
     version: Literal["v2.0", "v2.1"] = "v2.1"
-    checkpoint: str | None = Field(None, description="HPS .pt file; None: the version's file on the hub")
-    tokenizer: str = Field("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="CLIP tokenizer directory or hub id")
+    checkpoint: str | None = Field(
+        None,
+        description="HPS .pt file: a local path or owner/repo:filename; None: xswu/HPSv2's "
+        "HPS_v2_compressed.pt (v2.0) or HPS_v2.1_compressed.pt (v2.1)",
+    )
+    tokenizer: str = Field(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="CLIP tokenizer directory (vocab.json, merges.txt) or hub id"
+    )
 
 
 class ImageRewardConfig(_Strict):
     """ImageReward (BLIP ViT-L + BERT cross-attention + MLP), forward pass rebuilt differentiably."""
 
     kind: Literal["imagereward"] = "imagereward"
-    checkpoint: str = Field("THUDM/ImageReward:ImageReward.pt", description="local path or owner/repo:filename")
-    tokenizer: str = Field("google-bert/bert-base-uncased", description="BERT tokenizer directory or hub id")
+    checkpoint: str = Field(
+        "THUDM/ImageReward:ImageReward.pt", description="the official state dict: local path or owner/repo:filename"
+    )
+    tokenizer: str = Field(
+        "google-bert/bert-base-uncased",
+        description="BERT-base-uncased vocabulary: a directory holding vocab.txt, the file itself, or a hub id",
+    )
 
 
 class PickScoreRewardConfig(_Strict):
     """PickScore: a CLIP ViT-H-14 finetuned on Pick-a-Pic; score = logit scale × image–text cosine."""
 
     kind: Literal["pickscore"] = "pickscore"
-    model: str = "yuvalkirstain/PickScore_v1"
-    tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    model: str = Field("yuvalkirstain/PickScore_v1", description="transformers CLIP directory or hub id")
+    tokenizer: str = Field(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        description="processor directory or hub id: CLIP tokenizer (vocab.json, merges.txt) and preprocessor_config.json",
+    )
 
 
 class ClipScoreRewardConfig(_Strict):
     """CLIP score: image–text cosine similarity (× 100) of a transformers CLIP model."""
 
     kind: Literal["clip"] = "clip"
-    model: str = "openai/clip-vit-large-patch14"
+    model: str = Field(
+        "openai/clip-vit-large-patch14", description="transformers CLIP directory (with its tokenizer) or hub id"
+    )
 
 
 class JpegRewardConfig(_Strict):
@@ -415,10 +446,56 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 DEFAULT_REWARD = {"gmm": "gaussian", "digits": "classifier", "stable_diffusion": "aesthetic"}
 
 
+#: defaults that depend on model.kind, applied beneath the user's own values (listed in docs/config.md)
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "gmm": {},
+    "digits": {
+        "method": {"beta": 1.0},
+        "train": {
+            "updates": 300,
+            "trajectories_per_epoch": 64,
+            "batch_size": 32,
+            "checkpoint_every": 100,
+            "eval_every": 50,
+            "eval_samples": 500,
+            "policy_optimizer": {"lr": 1e-3},
+            "flow_optimizer": {"lr": 1e-3},
+        },
+    },
+    "stable_diffusion": {},
+}
+
+
+def _with_defaults(defaults: dict, tree: dict) -> dict:
+    """``defaults`` deep-merged beneath ``tree`` (the user's values win)."""
+    merged = dict(defaults)
+    for key, value in tree.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _with_defaults(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_preset(tree: dict, model_kind: str) -> dict:
+    preset = MODEL_PRESETS.get(model_kind, {})
+    method = tree.get("method") if isinstance(tree.get("method"), dict) else {}
+    method_class = {cls.model_fields["name"].default: cls for cls in MethodConfig.__origin__.__args__}.get(
+        method.get("name", "residual_nabla_db")
+    )
+    for section, values in preset.items():
+        if section == "method":  # only the keys the chosen method has
+            values = {k: v for k, v in values.items() if method_class is not None and k in method_class.model_fields}
+        if values and (section not in tree or isinstance(tree[section], dict)):
+            tree[section] = _with_defaults(values, tree.get(section) or {})
+    return tree
+
+
 def validate_config(tree: dict) -> RunConfig:
     tree = dict(tree)
     model = tree.get("model")
     model_kind = model.get("kind", "gmm") if isinstance(model, dict) else "gmm"
+    tree = _apply_preset(tree, model_kind)
     defaults = {"model": ("kind", "gmm"), "method": ("name", "residual_nabla_db")}
     defaults["reward"] = ("kind", DEFAULT_REWARD.get(model_kind, "gaussian"))
     if model_kind != "gmm" and "reward" not in tree:

@@ -44,6 +44,8 @@ def resolve_file(source: str, key: str) -> Path:
 
 #: what a tokenizer needs from a hub repository (not its multi-GB weights)
 TOKENIZER_FILES = ("*.json", "*.txt", "*.model")
+#: what a transformers model needs from a hub repository: configs, tokenizer files, safetensors weights
+MODEL_FILES = ("*.json", "*.txt", "*.safetensors")
 
 
 def resolve_dir(
