@@ -1,4 +1,4 @@
-"""The ``nablagfn`` command line: train, sample, eval."""
+"""The ``nablagfn`` command line: train, sample, eval, pretrain."""
 
 from __future__ import annotations
 
@@ -68,13 +68,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _write_run_figures(run, run_dir: Path) -> None:
+    if len(run.backend.sample_shape) == 1:
+        _write_vector_figures(run, run_dir)
+    else:
+        _write_image_figures(run, run_dir)
+    from .viz import plot_training_curves
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    keys = ["eval/log_reward_mean", "sample/log_reward_mean", "eval/mode_tv", "eval/class_accuracy",
+            "eval/fd_to_class", "eval/diversity", "loss"]
+    path = plot_training_curves(records, run_dir / "curves.png", keys)
+    if path:
+        print(f"training curves: {path}")
+
+
+def _write_vector_figures(run, run_dir: Path) -> None:
+    import torch
+
     from .viz import plot_vector_samples
 
     target = run.exact_target()
-    if len(run.backend.sample_shape) != 1:
-        return
-    import torch
-
     num = 4000
     panels = {
         "pretrained": run.sample(num, seed=0, finetuned=False),
@@ -94,18 +107,71 @@ def _write_run_figures(run, run_dir: Path) -> None:
     print(f"samples figure: {path}")
 
 
+def _write_image_figures(run, run_dir: Path, num: int = 64) -> None:
+    """Pretrained vs finetuned images from the same seeds (and real digits of the class, when there is one)."""
+    from .rewards.classifier import ClassifierReward
+    from .viz import plot_image_grids
+
+    panels = {}
+    for name, finetuned in (("pretrained", False), ("finetuned", True)):
+        states, cond = run.sample_with_conditions(num, seed=0, finetuned=finetuned)
+        images = run.decode(states)
+        log_reward = run.reward.log_reward(images, cond).mean().item()
+        panels[f"{name} (mean log R {log_reward:.2f})"] = images
+    if isinstance(run.reward, ClassifierReward):
+        from .backends.digits import load_digits_dataset
+
+        data, labels = load_digits_dataset()
+        panels[f"real digits of class {run.reward.digit}"] = data[labels == run.reward.digit][:num]
+    title = f"{run.config.method.name}, β={run.config.method.beta}, same seeds"
+    path = plot_image_grids(panels, run_dir / "samples.png", title)
+    print(f"samples figure: {path}")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     run, checkpoint = _load_run(Path(args.run_dir), args.checkpoint)
     samples = run.sample(args.num, seed=args.seed, finetuned=not args.pretrained)
     out = Path(args.out)
-    if out.suffix != ".npy":
+    images = len(run.backend.sample_shape) == 3
+    if out.suffix == ".npy":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, (run.decode(samples) if images else samples).cpu().numpy())
+    elif images:
+        _save_pngs(run.decode(samples), out)
+    else:
         raise ConfigError(f"--out {out}: vector backends write a .npy array")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, samples.numpy())
     kind = "pretrained" if args.pretrained else f"finetuned ({checkpoint.name})"
-    print(f"wrote {tuple(samples.shape)} {kind} samples to {out}")
+    written = f"{out}/00000.png …" if images and out.suffix != ".npy" else str(out)
+    print(f"wrote {args.num} {kind} samples to {written}")
+    return 0
+
+
+def _save_pngs(images, out: Path) -> None:
+    """One PNG per image (values in [0, 1]) into the directory ``out``."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = (images.float().clamp(0, 1) * 255).round().byte().cpu()
+    for index, image in enumerate(pixels):
+        array = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(out / f"{index:05d}.png")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain_classifier, pretrain_digits
+
+    if args.what == "digits":
+        out = Path(args.out or "digits_unet.safetensors")
+        result = pretrain_digits(out, steps=args.steps or 4000, seed=args.seed, progress=not args.no_progress)
+        key = "model.weights"
+    else:
+        out = Path(args.out or "digits_classifier.safetensors")
+        result = pretrain_classifier(out, steps=args.steps or 3000, seed=args.seed, progress=not args.no_progress)
+        key = "reward.weights"
+    print(_format_metrics(result))
+    print(f"wrote {out}; use it with {key}={out}")
     return 0
 
 
@@ -142,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="draw samples from a trained run")
     sample.add_argument("run_dir")
     sample.add_argument("--num", type=int, default=1000, help="number of samples (default 1000)")
-    sample.add_argument("--out", required=True, help="output file (.npy for vector backends)")
+    sample.add_argument("--out", required=True,
+                        help="a .npy file (an array), or for image models a directory of PNG files")
     sample.add_argument("--pretrained", action="store_true", help="sample the pretrained model instead")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
@@ -155,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
     evaluate.add_argument("--out", help="JSON output (default RUN_DIR/eval.json)")
     evaluate.set_defaults(func=cmd_eval)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="rebuild the shipped digits model or classifier (seeded)",
+        description="Train the built-in digits diffusion model or the digits classifier from scikit-learn's digits.",
+    )
+    pretrain.add_argument("what", choices=["digits", "classifier"])
+    pretrain.add_argument("--out", help="safetensors file (default: ./digits_unet.safetensors or ./digits_classifier.safetensors)")
+    pretrain.add_argument("--steps", type=int, help="optimiser steps (default 4000 for digits, 3000 for the classifier)")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pretrain.set_defaults(func=cmd_pretrain)
     return parser
 
 

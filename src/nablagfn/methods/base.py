@@ -86,8 +86,8 @@ class Method:
     def __init__(self, config, backend: Backend, reward: Reward, kernel: GaussianKernel):
         if self.needs_reward_gradient and not reward.differentiable:
             raise ValueError(
-                f"method.name={config.name} needs reward gradients, but reward.kind="
-                f"{type(reward).__name__} is not differentiable; choose a gradient-free method"
+                f"method.name: {config.name} needs reward gradients, but the reward ({type(reward).__name__}) is "
+                "not differentiable; choose a gradient-free method or a differentiable reward"
             )
         self.config = config
         self.backend = backend

@@ -8,11 +8,13 @@ import torch
 
 from ..backends import Backend, GaussianMixtureBackend, build_backend
 from ..config import ConfigError, RunConfig
+from ..eval.digits import digits_metrics
 from ..eval.gmm import target_metrics
 from ..mdp import GaussianKernel, make_kernel, rollout
 from ..mdp.rollout import Trajectories
 from ..methods import Method, build_method
 from ..rewards import Reward, build_reward
+from ..rewards.classifier import ClassifierReward
 from ..rewards.vector import exact_target
 
 
@@ -58,6 +60,11 @@ class Run:
         return Trajectories(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectories)})
 
     @torch.no_grad()
+    def decode(self, states: torch.Tensor) -> torch.Tensor:
+        """What the reward sees for final states, in chunks of the backend's ``sample_batch_size``."""
+        return torch.cat([self.backend.decode(part) for part in states.split(self.backend.sample_batch_size)])
+
+    @torch.no_grad()
     def log_reward(self, states: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """log R(decode(x)) of final states, in chunks of the backend's ``sample_batch_size``."""
         size = self.backend.sample_batch_size
@@ -90,4 +97,6 @@ class Run:
         if target is not None:
             generator = torch.Generator().manual_seed(seed + 1)
             metrics.update(target_metrics(samples, target, self.backend.mixture, generator))
+        if isinstance(self.reward, ClassifierReward):  # ground truth: the real digits of the class
+            metrics.update(digits_metrics(self.decode(samples), self.reward.digit, self.reward.classifier))
         return metrics

@@ -1,0 +1,153 @@
+"""The built-in digits model: an 8×8 image diffusion model pretrained on scikit-learn's digits.
+
+The data are the 1,797 real 8×8 handwritten digits that ship with scikit-learn
+(``load_digits``), scaled to [−1, 1]. The pretrained ε-network is a small UNet
+(8×8 → 4×4 → 8×8) whose weights ship with the package (``nablagfn pretrain digits``
+reproduces them); finetuning adds peft LoRA adapters to its convolutions and
+linear layers, so the pretrained model is the same network with the adapters off.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..mdp.schedules import NoiseSchedule
+from .base import Backend
+from .lora import add_lora, adapters_disabled, lora_parameters
+from .nets import timestep_embedding
+
+DIGITS_SHAPE = (1, 8, 8)
+SHIPPED_UNET = "digits_unet.safetensors"
+
+
+def shipped_weights(filename: str) -> Path:
+    """Path of a weights file that ships inside the package (``nablagfn/data``)."""
+    return Path(str(resources.files("nablagfn") / "data" / filename))
+
+
+def load_digits_dataset() -> tuple[Tensor, Tensor]:
+    """The 1,797 scikit-learn digits as images in [0, 1], shape (N, 1, 8, 8), and their labels (N,)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    return images, torch.tensor(data.target, dtype=torch.long)
+
+
+def digits_split(num: int, seed: int = 0, held_out: float = 0.2) -> tuple[Tensor, Tensor]:
+    """A fixed (train, held-out) index split of the data set."""
+    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
+    cut = int(round(num * (1 - held_out)))
+    return order[:cut], order[cut:]
+
+
+def digits_schedule() -> NoiseSchedule:
+    return NoiseSchedule.make("linear", 1000, 1e-4, 0.02)
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm → SiLU → conv, twice, with the time embedding added in between."""
+
+    def __init__(self, channels_in: int, channels_out: int, time_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, channels_in)
+        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, padding=1)
+        self.time = nn.Linear(time_dim, channels_out)
+        self.norm2 = nn.GroupNorm(8, channels_out)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1)
+        self.skip = nn.Conv2d(channels_in, channels_out, 1) if channels_in != channels_out else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        h = h + self.time(temb)[:, :, None, None]
+        h = self.conv2(nn.functional.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class DigitsUNet(nn.Module):
+    """A small UNet on 8×8 images, x, t ↦ an image of x's shape (ε, or g_φ's score when ``zero_output``).
+
+    ``zero_output`` starts the output convolution at exactly zero (the flow-score network g_φ).
+    """
+
+    def __init__(self, channels: tuple[int, int] = (32, 64), time_dim: int = 64, zero_output: bool = False):
+        super().__init__()
+        wide, deep = channels
+        self.time_dim = time_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 2 * time_dim), nn.SiLU(), nn.Linear(2 * time_dim, 2 * time_dim))
+        temb = 2 * time_dim
+        self.conv_in = nn.Conv2d(1, wide, 3, padding=1)
+        self.down = ResidualBlock(wide, wide, temb)
+        self.downsample = nn.Conv2d(wide, deep, 3, stride=2, padding=1)
+        self.middle1 = ResidualBlock(deep, deep, temb)
+        self.middle2 = ResidualBlock(deep, deep, temb)
+        self.upsample = nn.Conv2d(deep, wide, 3, padding=1)
+        self.up = ResidualBlock(2 * wide, wide, temb)
+        self.norm_out = nn.GroupNorm(8, wide)
+        self.conv_out = nn.Conv2d(wide, 1, 3, padding=1)
+        if zero_output:
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
+        temb = self.time_mlp(timestep_embedding(timestep, self.time_dim).to(x.dtype))
+        skip = self.down(self.conv_in(x), temb)
+        h = self.middle2(self.middle1(self.downsample(skip), temb), temb)
+        h = self.upsample(nn.functional.interpolate(h, scale_factor=2, mode="nearest"))
+        h = self.up(torch.cat([h, skip], 1), temb)
+        return self.conv_out(nn.functional.silu(self.norm_out(h)))
+
+
+def load_digits_unet(weights: str | None) -> DigitsUNet:
+    """The pretrained digits ε-network from ``weights`` (a safetensors file; None: the shipped one)."""
+    from safetensors.torch import load_file
+
+    path = Path(weights).expanduser() if weights else shipped_weights(SHIPPED_UNET)
+    if not path.is_file():
+        hint = "run `nablagfn pretrain digits` and set model.weights" if weights else "reinstall nablagfn"
+        raise ConfigError(f"model.weights: digits weights file {str(path)!r} not found ({hint})")
+    unet = DigitsUNet()
+    try:
+        unet.load_state_dict(load_file(str(path)))
+    except (RuntimeError, OSError) as error:
+        raise ConfigError(f"model.weights: {str(path)!r} is not a digits UNet checkpoint ({error})") from None
+    return unet
+
+
+class DigitsBackend(Backend):
+    """The pretrained digits UNet with LoRA adapters; unconditional (one condition, id 0)."""
+
+    def __init__(self, unet: DigitsUNet, lora_rank: int = 8, lora_alpha: float | None = None):
+        super().__init__()
+        self.schedule = digits_schedule()
+        self.sample_shape = DIGITS_SHAPE
+        unet.requires_grad_(False)
+        self.unet = add_lora(unet, lora_rank, lora_alpha or lora_rank)
+
+    @classmethod
+    def from_config(cls, config) -> "DigitsBackend":
+        return cls(load_digits_unet(config.weights), config.lora_rank, config.lora_alpha)
+
+    def eps(self, x: Tensor, timestep: Tensor, cond: Tensor, finetuned: bool = True) -> Tensor:
+        if finetuned:
+            return self.unet(x, timestep)
+        with adapters_disabled(self.unet):
+            return self.unet(x, timestep)
+
+    def sample_conditions(self, num: int, generator: torch.Generator, split: str = "train") -> Tensor:
+        return torch.zeros(num, dtype=torch.long)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """[−1, 1] model space → [0, 1] pixel intensities."""
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return lora_parameters(self.unet)
+
+    def make_flow_score_net(self) -> nn.Module:
+        return DigitsUNet(zero_output=True)

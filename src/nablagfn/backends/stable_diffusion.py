@@ -1,0 +1,281 @@
+"""Stable Diffusion (latent diffusion, diffusers) finetuned with a peft LoRA adapter on its UNet.
+
+The model is a diffusers pipeline directory (``model_index.json`` with ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``), local or on the Hugging Face hub
+(default ``stable-diffusion-v1-5/stable-diffusion-v1-5``). States are latents (fp32); ε uses
+classifier-free guidance against the negative prompt; the pretrained model is the same UNet with
+its adapter disabled; ``decode`` maps latents through the VAE to images in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..mdp.schedules import NoiseSchedule
+from ..rewards.loading import _offline_hint, resolve_dir
+from .base import Backend
+from .prompts import PromptTable, build_prompt_table
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: what a pipeline directory must hold
+PIPELINE_ENTRIES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+#: prompts encoded per text-encoder call when filling the embedding cache
+ENCODE_BATCH = 64
+
+
+def _is_hub_id(path: str) -> bool:
+    return not Path(path).expanduser().exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1
+
+
+def load_noise_schedule(root: str, revision: str | None = None) -> NoiseSchedule:
+    """ᾱ_t from the pipeline's scheduler config (beta schedule, trained betas, zero-SNR rescaling)."""
+    from diffusers import DDPMScheduler
+
+    config = DDPMScheduler.load_config(root, subfolder="scheduler", revision=revision)
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ConfigError(f"model.path: {root!r} predicts {prediction!r}; only ε-prediction models are supported")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=config.get("num_train_timesteps", 1000),
+        beta_start=config.get("beta_start", 0.0001),
+        beta_end=config.get("beta_end", 0.02),
+        beta_schedule=config.get("beta_schedule", "linear"),
+        trained_betas=config.get("trained_betas"),
+        rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
+    )
+    return NoiseSchedule(scheduler.alphas_cumprod.to(torch.float64))
+
+
+class FlowScoreUNet(nn.Module):
+    """g_φ(x, t, cond): a small text-conditioned UNet with the latent's shape as output, exactly zero at start.
+
+    Prompt embeddings come from the backend's cache through ``embed`` (a plain attribute, so the backend
+    is not a submodule and this module's state dict holds only its own weights).
+    """
+
+    def __init__(self, unet: nn.Module, embed: Callable[[Tensor], Tensor]):
+        super().__init__()
+        self.unet = unet
+        self.embed = embed
+        nn.init.zeros_(unet.conv_out.weight)
+        nn.init.zeros_(unet.conv_out.bias)
+
+    def forward(self, x: Tensor, timestep: Tensor, cond: Tensor) -> Tensor:
+        context = self.embed(cond).to(self.unet.dtype)
+        return self.unet(x.to(self.unet.dtype), timestep, encoder_hidden_states=context).sample.to(x.dtype)
+
+
+class StableDiffusionBackend(Backend):
+    """SD's UNet (frozen, ``model.dtype``) + an fp32 LoRA adapter; guided ε; VAE decoding; cached prompt embeddings."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        tokenizer,
+        schedule: NoiseSchedule,
+        prompt_table: PromptTable,
+        lora_rank: int = 8,
+        lora_alpha: float | None = None,
+        lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+        guidance_scale: float = 5.0,
+        negative_prompt: str = "",
+        flow_channels: tuple[int, ...] = (64, 128, 256, 256),
+        gradient_checkpointing: bool = False,
+        sample_batch_size: int = 8,
+    ):
+        super().__init__()
+        from peft import LoraConfig
+
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        lora = LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_alpha or lora_rank,
+            init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the finetuned model starts as the pretrained one
+            target_modules=list(lora_targets),
+        )
+        try:
+            unet.add_adapter(lora)
+        except ValueError as error:  # peft: no module matched
+            raise ConfigError(
+                f"model.lora_targets: {list(lora_targets)} matched no layer of the UNet ({error})"
+            ) from None
+        self._trainable = [p for p in unet.parameters() if p.requires_grad]
+        for parameter in self._trainable:
+            parameter.data = parameter.data.float()
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            vae.enable_gradient_checkpointing()
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.schedule = schedule
+        self.prompt_table = prompt_table
+        self.prompts = list(prompt_table.prompts)
+        self.guidance_scale = guidance_scale
+        self.negative_prompt = negative_prompt
+        self.flow_channels = tuple(flow_channels)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.sample_batch_size = sample_batch_size
+        size = unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (unet.config.in_channels, height, width)
+        self._embedding_cache: dict[int, Tensor] = {}  # prompt id → (tokens, dim); id −1 is the negative prompt
+        self._adapter_enabled = True
+
+    @classmethod
+    def from_config(cls, config) -> StableDiffusionBackend:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        dtype = DTYPES[config.dtype]
+        prompt_table = build_prompt_table(config.prompts)
+        hub = _is_hub_id(config.path)
+        if hub:
+            root, revision = config.path, config.revision  # each component fetches only the files it needs
+        else:
+            root, revision = resolve_dir(config.path, "model.path", required=PIPELINE_ENTRIES), None
+        try:
+            schedule = load_noise_schedule(root, revision)
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", revision=revision, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", revision=revision, torch_dtype=dtype)
+            text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", revision=revision).to(dtype)
+            tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", revision=revision)
+        except OSError as error:  # missing files, offline, unknown hub repo or revision
+            where = f"is not available locally and {_offline_hint()}" if hub else "could not be read"
+            raise ConfigError(
+                f"model.path: Stable Diffusion pipeline {config.path!r} {where} ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}). Download it "
+                f"(e.g. `hf download {config.path}`) and set model.path=/path/to/its/directory"
+            ) from None
+        return cls(
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            schedule,
+            prompt_table,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_targets=tuple(config.lora_targets),
+            guidance_scale=config.guidance_scale,
+            negative_prompt=config.negative_prompt,
+            flow_channels=tuple(config.flow_channels),
+            gradient_checkpointing=config.gradient_checkpointing,
+            sample_batch_size=config.sample_batch_size,
+        )
+
+    # -- text ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> Tensor:
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        device = self.text_encoder.device
+        mask = (
+            tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        )
+        return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+
+    def text_embeddings(self, cond: Tensor) -> Tensor:
+        """Embeddings (B, tokens, dim) of each id's prompt (−1: the negative prompt), in the UNet's dtype on its
+        device. Each prompt goes through the text encoder once; later calls read the cache."""
+        ids = cond.tolist()
+        missing = sorted({i for i in ids if i not in self._embedding_cache})
+        for start in range(0, len(missing), ENCODE_BATCH):
+            chunk = missing[start : start + ENCODE_BATCH]
+            texts = [self.negative_prompt if i == -1 else self.prompts[i] for i in chunk]
+            for i, embedding in zip(chunk, self._encode(texts)):
+                self._embedding_cache[i] = embedding
+        device, dtype = self.unet.device, self.unet.dtype
+        for i in set(ids):  # after a move to another device, move each cached embedding once
+            if self._embedding_cache[i].device != device or self._embedding_cache[i].dtype != dtype:
+                self._embedding_cache[i] = self._embedding_cache[i].to(device, dtype)
+        return torch.stack([self._embedding_cache[i] for i in ids])
+
+    # -- the model -------------------------------------------------------------------
+    @contextmanager
+    def adapter(self, enabled: bool) -> Iterator[None]:
+        """The finetuned (``enabled``) or the pretrained UNet inside the block; the previous state comes back
+        on exit, also when the block raises."""
+        previous = self._adapter_enabled
+        if enabled != previous:
+            (self.unet.enable_adapters if enabled else self.unet.disable_adapters)()
+            self._adapter_enabled = enabled
+        try:
+            yield
+        finally:
+            if enabled != previous:
+                (self.unet.enable_adapters if previous else self.unet.disable_adapters)()
+                self._adapter_enabled = previous
+
+    def eps(self, x: Tensor, timestep: Tensor, cond: Tensor, finetuned: bool = True) -> Tensor:
+        """Guided ε = ε(∅) + w (ε(c) − ε(∅)) in fp32, from one UNet call on [negative; prompt] (w = 1: prompt only)."""
+        batch = x.shape[0]
+        x_in = x.to(self.unet.dtype)
+        timestep = timestep.to(x.device).expand(batch)
+        context = self.text_embeddings(cond)
+        with self.adapter(finetuned):
+            if self.guidance_scale == 1:
+                return self.unet(x_in, timestep, encoder_hidden_states=context).sample.float()
+            negative = self.text_embeddings(torch.full((1,), -1)).expand(batch, -1, -1)
+            both = self.unet(
+                torch.cat([x_in, x_in]),
+                torch.cat([timestep, timestep]),
+                encoder_hidden_states=torch.cat([negative, context]),
+            ).sample.float()
+        unconditional, conditional = both.chunk(2)
+        return unconditional + self.guidance_scale * (conditional - unconditional)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Latents → images in [0, 1] (B, 3, H, W), fp32, differentiable: VAE decode of x / scaling_factor."""
+        vae_config = self.vae.config
+        latents = x / vae_config.scaling_factor
+        if getattr(vae_config, "shift_factor", None):
+            latents = latents + vae_config.shift_factor
+        image = self.vae.decode(latents.to(self.vae.dtype)).sample
+        return ((image.float() + 1) / 2).clamp(0, 1)
+
+    def sample_conditions(self, num: int, generator: torch.Generator, split: str = "train") -> Tensor:
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        ids = self.prompt_table.train_ids if split == "train" else self.prompt_table.eval_ids
+        return ids[torch.randint(len(ids), (num,), generator=generator)]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self._trainable)
+
+    def make_flow_score_net(self) -> nn.Module:
+        """A UNet2DConditionModel with widths ``flow_channels`` (one layer per block, cross-attention to the
+        prompt embeddings), fp32, its output layer zeroed."""
+        from diffusers import UNet2DConditionModel
+
+        channels = self.flow_channels
+        blocks = len(channels)
+        unet = UNet2DConditionModel(
+            sample_size=self.sample_shape[1:],
+            in_channels=self.sample_shape[0],
+            out_channels=self.sample_shape[0],
+            block_out_channels=channels,
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * (blocks - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (blocks - 1),
+            cross_attention_dim=self.text_encoder.config.hidden_size,
+            attention_head_dim=8,  # diffusers' legacy name: the number of heads
+            norm_num_groups=math.gcd(32, *channels),
+        )
+        if self.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        return FlowScoreUNet(unet, self.text_embeddings)
