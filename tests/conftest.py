@@ -20,6 +20,7 @@ def _seed_everything():
 
 # Small, fast run settings shared by the tests that build a whole run.
 SMALL_RUN = (
+    "model.kind=gmm",
     "sampler.steps=10",
     "model.hidden=32",
     "model.layers=2",

@@ -17,6 +17,7 @@ from nablagfn.train.run import Run
 
 TRAIN_ARGS = [
     "--no-progress",
+    "model.kind=gmm",
     "train.updates=4",
     "train.eval_samples=200",
     "train.checkpoint_every=2",

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from nablagfn.config import (
+    MODEL_PRESETS,
     ConfigError,
     NablaDBConfig,
     ResidualNablaDBConfig,
@@ -16,20 +17,45 @@ from nablagfn.config import (
     validate_config,
 )
 
+GMM = ["model.kind=gmm"]
 
-def test_defaults_validate():
+
+def test_defaults_are_the_digits_model_toward_a_class():
     config = load_config(None, [])
     assert isinstance(config, RunConfig)
     assert isinstance(config.method, ResidualNablaDBConfig)
-    assert config.model.kind == "gmm" and config.model.dim == 2
-    assert len(config.model.means) == len(config.model.stds) == 8
-    assert config.reward.kind == "gaussian"
+    assert config.model.kind == "digits" and config.reward.kind == "classifier"
+    assert config.method.beta == 1.0 and config.method.prior_strength == 1.0  # target p(x | digit)
+    assert config.train.updates == MODEL_PRESETS["digits"]["train"]["updates"]
     # the defaults round-trip through their own YAML dump
     assert validate_config(yaml.safe_load(dump_config(config))) == config
 
 
+def test_gmm_defaults_validate():
+    config = load_config(None, GMM)
+    assert config.model.kind == "gmm" and config.model.dim == 2
+    assert len(config.model.means) == len(config.model.stds) == 8
+    assert config.reward.kind == "gaussian"
+    assert config.method.beta == 0.5 and config.train.updates == 1500
+    assert validate_config(yaml.safe_load(dump_config(config))) == config
+
+
+def test_model_presets_sit_beneath_the_users_values():
+    config = load_config(None, ["model.kind=digits", "train.updates=7", "method.beta=2"])
+    assert config.train.updates == 7 and config.method.beta == 2
+    assert config.train.batch_size == MODEL_PRESETS["digits"]["train"]["batch_size"]
+    # the default reward follows the model
+    assert load_config(None, ["model.kind=stable_diffusion"]).reward.kind == "aesthetic"
+
+
+def test_rewards_must_suit_the_model():
+    assert "reward.kind" in _error(["model.kind=digits", "reward.kind=gaussian"])
+    assert "reward.kind" in _error(["model.kind=gmm", "reward.kind=aesthetic"])
+    assert "model.kind=digits" in _error(["model.kind=stable_diffusion", "reward.kind=classifier"])
+
+
 def test_override_sets_value_with_yaml_typing():
-    config = load_config(None, ["method.beta=2.0", "train.updates=7", "sampler.kind=dpm_solver", "train.on_policy=true",
+    config = load_config(None, [*GMM, "method.beta=2.0", "train.updates=7", "sampler.kind=dpm_solver", "train.on_policy=true",
                                 "reward.center=[1.0, -1.0]"])
     assert config.method.beta == 2.0
     assert config.train.updates == 7 and isinstance(config.train.updates, int)
@@ -37,13 +63,14 @@ def test_override_sets_value_with_yaml_typing():
     assert config.train.on_policy is True
     assert config.reward.center == [1.0, -1.0]
     # later overrides win
-    assert load_config(None, ["method.beta=2.0", "method.beta=3.0"]).method.beta == 3.0
+    assert load_config(None, [*GMM, "method.beta=2.0", "method.beta=3.0"]).method.beta == 3.0
 
 
 def test_yaml_file_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
         "model:\n"
+        "  kind: gmm\n"
         "  means: [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]]\n"
         "  stds: [0.3, 0.3, 0.5]\n"
         "  weights: [1, 2, 1]\n"
@@ -77,68 +104,68 @@ def _error(overrides, path=None) -> str:
 
 
 def test_unknown_key_is_named():
-    message = _error(["method.betaa=1"])
+    message = _error([*GMM, "method.betaa=1"])
     assert "method.betaa" in message
     assert "unknown" in message
     assert "model.betaa" not in message
-    assert "train.nonsense" in _error(["train.nonsense=1"])
-    assert "bogus" in _error(["bogus.key=1"])
+    assert "train.nonsense" in _error([*GMM, "train.nonsense=1"])
+    assert "bogus" in _error([*GMM, "bogus.key=1"])
 
 
 def test_wrong_type_is_named():
-    message = _error(["train.updates=abc"])
+    message = _error([*GMM, "train.updates=abc"])
     assert "train.updates" in message
-    assert "sampler.steps" in _error(["sampler.steps=[1, 2]"])
+    assert "sampler.steps" in _error([*GMM, "sampler.steps=[1, 2]"])
 
 
 def test_out_of_range_is_named():
-    assert "method.beta" in _error(["method.beta=-1"])
-    assert "method.beta" in _error(["method.beta=0"])
-    assert "sampler.steps" in _error(["sampler.steps=0"])
-    assert "method.subsample.fraction" in _error(["method.subsample.fraction=1.5"])
+    assert "method.beta" in _error([*GMM, "method.beta=-1"])
+    assert "method.beta" in _error([*GMM, "method.beta=0"])
+    assert "sampler.steps" in _error([*GMM, "sampler.steps=0"])
+    assert "method.subsample.fraction" in _error([*GMM, "method.subsample.fraction=1.5"])
 
 
 def test_invalid_literal_is_named():
-    assert "sampler.kind" in _error(["sampler.kind=euler"])
-    assert "method.reverse_target" in _error(["method.reverse_target=bogus"])
+    assert "sampler.kind" in _error([*GMM, "sampler.kind=euler"])
+    assert "method.reverse_target" in _error([*GMM, "method.reverse_target=bogus"])
 
 
 def test_inconsistent_shapes_are_named():
-    message = _error(["model.stds=[1.0]"])
+    message = _error([*GMM, "model.stds=[1.0]"])
     assert "model.stds" in message and "8" in message
-    assert "model.weights" in _error(["model.weights=[1.0, 2.0]"])
-    assert "model.means" in _error(["model.means=[[0.0, 0.0], [1.0]]", "model.stds=[1.0, 1.0]"])
-    assert "model.stds" in _error(["model.stds=[0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, -0.3]"])
+    assert "model.weights" in _error([*GMM, "model.weights=[1.0, 2.0]"])
+    assert "model.means" in _error([*GMM, "model.means=[[0.0, 0.0], [1.0]]", "model.stds=[1.0, 1.0]"])
+    assert "model.stds" in _error([*GMM, "model.stds=[0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, -0.3]"])
 
 
 def test_reward_dimension_mismatch_is_named():
-    assert "reward.center" in _error(["reward.center=[1.0, 2.0, 3.0]"])
-    assert "reward.direction" in _error(["reward.kind=linear", "reward.direction=[1.0]"])
+    assert "reward.center" in _error([*GMM, "reward.center=[1.0, 2.0, 3.0]"])
+    assert "reward.direction" in _error([*GMM, "reward.kind=linear", "reward.direction=[1.0]"])
     # consistent in 3-D is fine
-    config = load_config(None, ["model.means=[[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]", "model.stds=[0.5, 0.5]",
+    config = load_config(None, [*GMM, "model.means=[[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]", "model.stds=[0.5, 0.5]",
                                 "reward.center=[1.0, 2.0, 3.0]"])
     assert config.model.dim == 3
 
 
 def test_train_batch_divisibility_is_named():
-    message = _error(["train.trajectories_per_epoch=30", "train.batch_size=8"])
+    message = _error([*GMM, "train.trajectories_per_epoch=30", "train.batch_size=8"])
     assert "train.trajectories_per_epoch" in message
 
 
 def test_second_order_needs_sampled_target():
-    assert "method.second_order" in _error(["method.second_order=true", "method.reverse_target=expected"])
-    assert load_config(None, ["method.second_order=true", "method.reverse_target=sampled"]).method.second_order
+    assert "method.second_order" in _error([*GMM, "method.second_order=true", "method.reverse_target=expected"])
+    assert load_config(None, [*GMM, "method.second_order=true", "method.reverse_target=sampled"]).method.second_order
 
 
 def test_malformed_overrides():
     with pytest.raises(ConfigError, match="key=value"):
-        load_config(None, ["method.beta"])
+        load_config(None, [*GMM, "method.beta"])
     with pytest.raises(ConfigError):
-        load_config(None, ["=3"])
+        load_config(None, [*GMM, "=3"])
     with pytest.raises(ConfigError):
-        load_config(None, ["method..beta=3"])
+        load_config(None, [*GMM, "method..beta=3"])
     with pytest.raises(ConfigError):
-        load_config(None, ["method.beta=2", "method.beta.x=1"])  # beta is a value, not a section
+        load_config(None, [*GMM, "method.beta=2", "method.beta.x=1"])  # beta is a value, not a section
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
 
@@ -154,18 +181,18 @@ def test_bad_files(tmp_path):
 
 
 def test_method_name_switches_schema():
-    config = load_config(None, ["method.name=nabla_db"])
+    config = load_config(None, [*GMM, "method.name=nabla_db"])
     assert isinstance(config.method, NablaDBConfig)
     assert config.method.name == "nabla_db"
     # keys of the other method are rejected
-    assert "method.prior_strength" in _error(["method.name=nabla_db", "method.prior_strength=0.5"])
-    message = _error(["method.name=bogus"])
+    assert "method.prior_strength" in _error([*GMM, "method.name=nabla_db", "method.prior_strength=0.5"])
+    message = _error([*GMM, "method.name=bogus"])
     assert "method.name" in message and "bogus" in message and "nabla_db" in message
-    message = _error(["reward.kind=bogus"])
+    message = _error([*GMM, "reward.kind=bogus"])
     assert "reward.kind" in message and "gaussian" in message
 
 
 def test_config_is_validated_on_assignment():
-    config = load_config(None, [])
+    config = load_config(None, GMM)
     with pytest.raises(ValueError):
         config.method.beta = -1.0

@@ -188,7 +188,7 @@ def test_flow_score_net_starts_at_exactly_zero(mixture, linear_schedule, small_r
 )
 def test_pretrained_sampler_reproduces_mixture_mode_weights(sampler):
     """End to end: exact ε + kernel ⇒ samples land on the modes with the mixture's weights."""
-    overrides = [f"model.means={MEANS}", f"model.stds={STDS}", f"model.weights={WEIGHTS}", "model.hidden=8",
+    overrides = ["model.kind=gmm", f"model.means={MEANS}", f"model.stds={STDS}", f"model.weights={WEIGHTS}", "model.hidden=8",
                  "model.layers=1", "reward.center=[0.0, 0.0]", *sampler]
     run = Run.build(load_config(None, overrides))
     samples = run.sample(4000, seed=0, finetuned=False)

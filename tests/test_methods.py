@@ -11,7 +11,7 @@ from nablagfn.methods import ResidualNablaDB, build_method, make_transitions, su
 from nablagfn.rewards import Reward
 from nablagfn.train.run import Run
 
-FAST = ["sampler.steps=10", "model.hidden=32", "model.layers=2"]
+FAST = ["model.kind=gmm", "sampler.steps=10", "model.hidden=32", "model.layers=2"]
 
 
 def build_run(*overrides: str) -> Run:

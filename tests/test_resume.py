@@ -12,6 +12,7 @@ from nablagfn.train.checkpoint import list_checkpoints
 from nablagfn.train.trainer import Trainer
 
 BASE = [
+    "model.kind=gmm",
     "sampler.steps=10",
     "model.hidden=32",
     "model.layers=2",

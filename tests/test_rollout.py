@@ -8,7 +8,7 @@ from nablagfn.train.run import Run
 
 
 def test_recorded_trajectory_is_consistent_with_the_kernel():
-    run = Run.build(load_config(None, ["sampler.steps=12", "model.hidden=16"]))
+    run = Run.build(load_config(None, ["model.kind=gmm", "sampler.steps=12", "model.hidden=16"]))
     with torch.no_grad():  # a non-trivial finetuned policy
         for p in run.backend.trainable_parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))

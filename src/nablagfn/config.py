@@ -139,7 +139,7 @@ class ClassifierRewardConfig(_Strict):
     """log p(y = digit | x) under the shipped digits classifier (digits model only)."""
 
     kind: Literal["classifier"] = "classifier"
-    digit: int = Field(0, ge=0, le=9)
+    digit: int = Field(3, ge=0, le=9)
     weights: str | None = Field(None, description="safetensors file from `nablagfn pretrain classifier`; None: shipped")
 
 
@@ -341,8 +341,8 @@ MethodConfig = Annotated[Union[ResidualNablaDBConfig, NablaDBConfig], Field(disc
 
 
 class RunConfig(_Strict):
-    model: ModelConfig = Field(default_factory=GMMModelConfig)
-    reward: RewardConfig = Field(default_factory=GaussianRewardConfig)
+    model: ModelConfig = Field(default_factory=DigitsModelConfig)
+    reward: RewardConfig = Field(default_factory=ClassifierRewardConfig)
     method: MethodConfig = Field(default_factory=ResidualNablaDBConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -442,6 +442,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return validate_config(tree)
 
 
+#: the model of a config that names none: the built-in digits model
+DEFAULT_MODEL = "digits"
 #: the reward used when a config names a model but no reward kind
 DEFAULT_REWARD = {"gmm": "gaussian", "digits": "classifier", "stable_diffusion": "aesthetic"}
 
@@ -452,14 +454,12 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {
         "method": {"beta": 1.0},
         "train": {
-            "updates": 300,
-            "trajectories_per_epoch": 64,
-            "batch_size": 32,
-            "checkpoint_every": 100,
+            "updates": 150,
+            "trajectories_per_epoch": 32,
+            "batch_size": 16,
+            "checkpoint_every": 50,
             "eval_every": 50,
-            "eval_samples": 500,
-            "policy_optimizer": {"lr": 1e-3},
-            "flow_optimizer": {"lr": 1e-3},
+            "eval_samples": 300,
         },
     },
     "stable_diffusion": {},
@@ -494,12 +494,11 @@ def _apply_preset(tree: dict, model_kind: str) -> dict:
 def validate_config(tree: dict) -> RunConfig:
     tree = dict(tree)
     model = tree.get("model")
-    model_kind = model.get("kind", "gmm") if isinstance(model, dict) else "gmm"
+    model_kind = model.get("kind", DEFAULT_MODEL) if isinstance(model, dict) else DEFAULT_MODEL
     tree = _apply_preset(tree, model_kind)
-    defaults = {"model": ("kind", "gmm"), "method": ("name", "residual_nabla_db")}
+    defaults = {"model": ("kind", DEFAULT_MODEL), "method": ("name", "residual_nabla_db")}
     defaults["reward"] = ("kind", DEFAULT_REWARD.get(model_kind, "gaussian"))
-    if model_kind != "gmm" and "reward" not in tree:
-        tree["reward"] = {}
+    tree.setdefault("reward", {})
     for section, (tag, default) in defaults.items():
         if isinstance(tree.get(section), dict):
             tree[section] = {tag: default, **tree[section]}
