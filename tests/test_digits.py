@@ -13,6 +13,7 @@ from nablagfn.config import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.eval.digits import frechet_distance, mean_pairwise_distance
 from nablagfn.pretrain import pretrain_classifier, pretrain_digits
+from nablagfn.shipped import shipped_weights
 from nablagfn.rewards.classifier import load_digit_classifier
 from nablagfn.train.run import Run
 
@@ -44,7 +45,7 @@ def test_adapter_starts_as_the_pretrained_model_and_switches_off(backend):
             p.data.normal_(0, 0.05)
         assert not torch.allclose(backend.eps(x, t, cond), backend.eps(x, t, cond, finetuned=False))
         pretrained = DigitsUNet()
-        pretrained.load_state_dict(load_file(str(__import__("nablagfn").backends.digits.shipped_weights("digits_unet.safetensors"))))
+        pretrained.load_state_dict(load_file(str(shipped_weights("digits_unet.safetensors"))))
         torch.testing.assert_close(backend.eps(x, t, cond, finetuned=False), pretrained(x, t))
     finally:
         for p, value in zip(trainable, saved):

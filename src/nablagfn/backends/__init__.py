@@ -5,8 +5,7 @@ Heavy backends are imported only when used.
 
 from __future__ import annotations
 
-from importlib import import_module
-
+from ..registry import build_from_registry
 from .base import Backend
 from .gmm import GaussianMixture, GaussianMixtureBackend
 
@@ -19,11 +18,7 @@ BACKENDS: dict[str, str] = {
 
 
 def build_backend(config) -> Backend:
-    if config.kind not in BACKENDS:
-        raise ValueError(f"unknown model.kind {config.kind!r}")
-    module_name, class_name = BACKENDS[config.kind].split(":")
-    backend_class = getattr(import_module(f".{module_name}", __name__), class_name)
-    return backend_class.from_config(config)
+    return build_from_registry(BACKENDS, __name__, "model.kind", config)
 
 
 __all__ = ["BACKENDS", "Backend", "GaussianMixture", "GaussianMixtureBackend", "build_backend"]

@@ -9,25 +9,17 @@ linear layers, so the pretrained model is the same network with the adapters off
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..mdp.schedules import NoiseSchedule
+from ..shipped import load_weights_into
 from .base import Backend
 from .lora import add_lora, adapters_disabled, lora_parameters
 from .nets import timestep_embedding
 
 DIGITS_SHAPE = (1, 8, 8)
 SHIPPED_UNET = "digits_unet.safetensors"
-
-
-def shipped_weights(filename: str) -> Path:
-    """Path of a weights file that ships inside the package (``nablagfn/data``)."""
-    return Path(str(resources.files("nablagfn") / "data" / filename))
 
 
 def load_digits_dataset() -> tuple[Tensor, Tensor]:
@@ -105,18 +97,7 @@ class DigitsUNet(nn.Module):
 
 def load_digits_unet(weights: str | None) -> DigitsUNet:
     """The pretrained digits ε-network from ``weights`` (a safetensors file; None: the shipped one)."""
-    from safetensors.torch import load_file
-
-    path = Path(weights).expanduser() if weights else shipped_weights(SHIPPED_UNET)
-    if not path.is_file():
-        hint = "run `nablagfn pretrain digits` and set model.weights" if weights else "reinstall nablagfn"
-        raise ConfigError(f"model.weights: digits weights file {str(path)!r} not found ({hint})")
-    unet = DigitsUNet()
-    try:
-        unet.load_state_dict(load_file(str(path)))
-    except (RuntimeError, OSError) as error:
-        raise ConfigError(f"model.weights: {str(path)!r} is not a digits UNet checkpoint ({error})") from None
-    return unet
+    return load_weights_into(DigitsUNet(), weights, SHIPPED_UNET, "model.weights", "nablagfn pretrain digits")
 
 
 class DigitsBackend(Backend):

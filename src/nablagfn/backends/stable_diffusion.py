@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..mdp.schedules import NoiseSchedule
-from ..rewards.loading import _offline_hint, resolve_dir
+from ..rewards.loading import offline_hint, resolve_dir
 from .base import Backend
 from .prompts import PromptTable, build_prompt_table
 
@@ -150,7 +150,7 @@ class StableDiffusionBackend(Backend):
             text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", revision=revision).to(dtype)
             tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", revision=revision)
         except OSError as error:  # missing files, offline, unknown hub repo or revision
-            where = f"is not available locally and {_offline_hint()}" if hub else "could not be read"
+            where = f"is not available locally and {offline_hint()}" if hub else "could not be read"
             raise ConfigError(
                 f"model.path: Stable Diffusion pipeline {config.path!r} {where} ({type(error).__name__}: "
                 f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}). Download it "

@@ -5,8 +5,7 @@ Heavy reward models are imported only when used.
 
 from __future__ import annotations
 
-from importlib import import_module
-
+from ..registry import build_from_registry
 from .base import Reward
 from .vector import GaussianReward, LinearReward
 
@@ -27,11 +26,7 @@ REWARDS: dict[str, str] = {
 
 
 def build_reward(config) -> Reward:
-    if config.kind not in REWARDS:
-        raise ValueError(f"unknown reward.kind {config.kind!r}")
-    module_name, class_name = REWARDS[config.kind].split(":")
-    reward_class = getattr(import_module(f".{module_name}", __name__), class_name)
-    return reward_class.from_config(config)
+    return build_from_registry(REWARDS, __name__, "reward.kind", config)
 
 
 __all__ = ["REWARDS", "GaussianReward", "LinearReward", "Reward", "build_reward"]

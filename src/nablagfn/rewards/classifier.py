@@ -6,12 +6,10 @@ p(x | y = k), so real digits of class k are the ground truth to compare with.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..shipped import load_weights_into
 from .base import Reward
 
 SHIPPED_CLASSIFIER = "digits_classifier.safetensors"
@@ -44,19 +42,8 @@ class DigitClassifier(nn.Module):
 
 def load_digit_classifier(weights: str | None, key: str = "reward.weights") -> DigitClassifier:
     """The classifier from ``weights`` (safetensors; None: the one shipped with the package), frozen, eval mode."""
-    from safetensors.torch import load_file
-
-    from ..backends.digits import shipped_weights
-
-    path = Path(weights).expanduser() if weights else shipped_weights(SHIPPED_CLASSIFIER)
-    if not path.is_file():
-        hint = "run `nablagfn pretrain classifier` and set " + key if weights else "reinstall nablagfn"
-        raise ConfigError(f"{key}: digits classifier file {str(path)!r} not found ({hint})")
     classifier = DigitClassifier()
-    try:
-        classifier.load_state_dict(load_file(str(path)))
-    except (RuntimeError, OSError) as error:
-        raise ConfigError(f"{key}: {str(path)!r} is not a digits classifier checkpoint ({error})") from None
+    load_weights_into(classifier, weights, SHIPPED_CLASSIFIER, key, "nablagfn pretrain classifier")
     return classifier.eval().requires_grad_(False)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 
-def _offline_hint() -> str:
+def offline_hint() -> str:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return "HF_HUB_OFFLINE=1 is set, so the hub was not tried"
     return "the hub could not be reached or does not have it"
@@ -38,7 +38,7 @@ def resolve_file(source: str, key: str) -> Path:
     except Exception as error:  # offline, missing repo or file, no network
         raise ConfigError(
             f"{key}: weights file {filename!r} from hub repo {repo_id!r} is not available locally and "
-            f"{_offline_hint()} ({type(error).__name__}). Download it and set {key}=/path/to/{filename}"
+            f"{offline_hint()} ({type(error).__name__}). Download it and set {key}=/path/to/{filename}"
         ) from None
 
 
@@ -68,6 +68,6 @@ def resolve_dir(
         return snapshot_download(source, allow_patterns=list(allow_patterns) if allow_patterns else None)
     except Exception as error:
         raise ConfigError(
-            f"{key}: model {source!r} is not available locally and {_offline_hint()} ({type(error).__name__}). "
+            f"{key}: model {source!r} is not available locally and {offline_hint()} ({type(error).__name__}). "
             f"Download it (e.g. `hf download {source}`) and set {key}=/path/to/its/directory"
         ) from None

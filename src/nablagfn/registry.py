@@ -1,0 +1,14 @@
+"""Registries: a config's ``kind`` → the class that builds itself from it, imported only when used."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+
+def build_from_registry(registry: dict[str, str], package: str, key: str, config: Any) -> Any:
+    """``registry`` maps kind → "module:Class" (modules relative to ``package``); calls ``Class.from_config(config)``."""
+    if config.kind not in registry:
+        raise ValueError(f"unknown {key} {config.kind!r}")
+    module_name, class_name = registry[config.kind].split(":")
+    return getattr(import_module(f".{module_name}", package), class_name).from_config(config)
