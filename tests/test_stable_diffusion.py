@@ -351,3 +351,25 @@ def test_paper_config_validates(pipeline_dir):
     assert config.model.kind == "stable_diffusion" and config.reward.kind == "aesthetic"
     assert config.sampler.kind == "ddpm" and config.sampler.steps == 50
     assert config.model.guidance_scale == 5.0 and config.model.lora_rank == 8
+
+
+def test_text_image_reward_scores_each_sample_with_its_own_prompt(pipeline_dir, tmp_path):
+    """SD + a CLIP-score reward (tiny, real format): the run hands the prompt table over, training runs."""
+    from test_rewards_clip import _save_clip, _save_preprocessor, _save_tokenizer
+
+    clip_dir = tmp_path / "clip"
+    _save_clip(clip_dir, 16, seed=0)
+    _save_tokenizer(clip_dir)
+    _save_preprocessor(clip_dir)
+    config = load_config(None, [*overrides(pipeline_dir, *TRAIN), "reward.kind=clip", f"reward.model={clip_dir}"])
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    run = trainer.run
+    assert run.reward.prompts == run.backend.prompts and len(run.backend.prompts) == 45
+    metrics = trainer.train()
+    assert torch.isfinite(torch.tensor(metrics["log_reward_mean"]))
+    states, cond = run.sample_with_conditions(3, seed=0)
+    assert len(set(cond.tolist())) > 1
+    images = run.decode(states)
+    together = run.reward.log_reward(images, cond)
+    alone = torch.cat([run.reward.log_reward(images[i : i + 1], cond[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
