@@ -274,6 +274,10 @@ def test_cli_train(pipeline_dir, tmp_path):
     assert [p.name for p in list_checkpoints(run_dir)] == ["update_0000001"]
     assert main(["sample", str(run_dir), "--num", "2", "--out", str(tmp_path / "images")]) == 0
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["00000.png", "00001.png"]
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run_dir), "--num", "2", "--split", "eval", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["split"] == "eval" and set(results) >= {"finetuned", "pretrained"}
 
 
 def test_missing_or_incomplete_pipeline_names_model_path(pipeline_dir, tmp_path):

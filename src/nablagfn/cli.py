@@ -132,7 +132,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     run, checkpoint = _load_run(Path(args.run_dir), args.checkpoint)
-    samples = run.sample(args.num, seed=args.seed, finetuned=not args.pretrained)
+    samples = run.sample(args.num, seed=args.seed, finetuned=not args.pretrained, split=args.split)
     out = Path(args.out)
     images = len(run.backend.sample_shape) == 3
     if out.suffix == ".npy":
@@ -177,9 +177,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     run, checkpoint = _load_run(Path(args.run_dir), args.checkpoint)
-    results = {"checkpoint": str(checkpoint), "num_samples": args.num, "seed": args.seed}
-    results["finetuned"] = run.evaluate(args.num, seed=args.seed, finetuned=True)
-    results["pretrained"] = run.evaluate(args.num, seed=args.seed, finetuned=False)
+    results = {"checkpoint": str(checkpoint), "num_samples": args.num, "seed": args.seed, "split": args.split}
+    results["finetuned"] = run.evaluate(args.num, seed=args.seed, finetuned=True, split=args.split)
+    results["pretrained"] = run.evaluate(args.num, seed=args.seed, finetuned=False, split=args.split)
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
     out.write_text(json.dumps(results, indent=1))
     for name in ("pretrained", "finetuned"):
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--pretrained", action="store_true", help="sample the pretrained model instead")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    sample.add_argument("--split", choices=["train", "eval"], default="train",
+                        help="prompts to condition on: training ones, or the held-out ones (model.prompts.held_out)")
     sample.set_defaults(func=cmd_sample)
 
     evaluate = commands.add_parser("eval", help="metrics of a trained run, finetuned and pretrained")
@@ -221,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
     evaluate.add_argument("--out", help="JSON output (default RUN_DIR/eval.json)")
+    evaluate.add_argument("--split", choices=["train", "eval"], default="train",
+                        help="prompts to condition on: training ones, or the held-out ones (model.prompts.held_out)")
     evaluate.set_defaults(func=cmd_eval)
 
     pretrain = commands.add_parser(

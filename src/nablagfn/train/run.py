@@ -84,13 +84,14 @@ class Run:
         cond = self.backend.sample_conditions(num, generator, split)
         return self.rollout(cond, generator, finetuned, record=False), cond.to(self.backend.device)
 
-    def sample(self, num: int, seed: int, finetuned: bool = True) -> torch.Tensor:
-        return self.sample_with_conditions(num, seed, finetuned)[0]
+    def sample(self, num: int, seed: int, finetuned: bool = True, split: str = "train") -> torch.Tensor:
+        return self.sample_with_conditions(num, seed, finetuned, split)[0]
 
     @torch.no_grad()
-    def evaluate(self, num: int, seed: int = 1234, finetuned: bool = True) -> dict[str, float]:
-        """Mean log-reward, and the ground-truth distances when the target is known."""
-        samples, cond = self.sample_with_conditions(num, seed, finetuned)
+    def evaluate(self, num: int, seed: int = 1234, finetuned: bool = True, split: str = "train") -> dict[str, float]:
+        """Mean log-reward, and the ground-truth distances when the target is known, on the ``train`` or the
+        held-out ``eval`` conditions."""
+        samples, cond = self.sample_with_conditions(num, seed, finetuned, split)
         log_reward = self.log_reward(samples, cond)
         metrics = {"log_reward_mean": log_reward.mean().item(), "log_reward_std": log_reward.std().item()}
         target = self.exact_target()
