@@ -34,6 +34,7 @@ def _load_run(run_dir: Path, checkpoint: str | None = None):
             raise ConfigError(f"{run_dir} has no checkpoint yet (nothing under {run_dir / 'checkpoints'})")
         path = checkpoints[-1]
     load_weights(run, path)
+    run.progress = True
     return run, path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+from tqdm import tqdm
 
 from ..backends import Backend, GaussianMixtureBackend, build_backend
 from ..config import ConfigError, RunConfig
@@ -25,6 +26,8 @@ class Run:
     reward: Reward
     kernel: GaussianKernel
     method: Method
+    #: a progress bar over sampling batches (for commands that sample many; training has its own bar)
+    progress: bool = False
 
     @classmethod
     def build(cls, config: RunConfig) -> "Run":
@@ -51,10 +54,11 @@ class Run:
         """``rollout`` in chunks of the backend's ``sample_batch_size`` (same draws as one big batch would not be:
         the chunking is fixed by the backend, so results are reproducible for a given backend)."""
         size = self.backend.sample_batch_size
-        parts = [
-            rollout(self.backend, self.kernel, cond[start : start + size], generator, finetuned, record)
-            for start in range(0, len(cond), size)
-        ]
+        starts = range(0, len(cond), size)
+        if self.progress and len(starts) > 1:
+            starts = tqdm(starts, desc="sample", unit="batch", mininterval=1.0)
+        parts = [rollout(self.backend, self.kernel, cond[start : start + size], generator, finetuned, record)
+                 for start in starts]
         if not record:
             return torch.cat(parts)
         return Trajectories(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectories)})
