@@ -61,8 +61,12 @@ def plot_training_curves(records: list[dict], path: Path, keys: list[str]) -> Pa
     present = [key for key in keys if any(key in record for record in records)]
     if not present:
         return None
-    figure, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)
-    for axis, key in zip(axes[0], present):
+    columns = min(3, len(present))
+    rows = -(-len(present) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for axis in axes.flat[len(present):]:
+        axis.axis("off")
+    for axis, key in zip(axes.flat, present):
         points = [(record["update"], record[key]) for record in records if key in record]
         axis.plot([u for u, _ in points], [v for _, v in points], marker="o" if len(points) < 30 else None)
         axis.set_xlabel("update")
