@@ -7,7 +7,8 @@ import torch
 
 from nablagfn.config import load_config
 from nablagfn.mdp import rollout
-from nablagfn.methods import ResidualNablaDB, build_method, make_transitions, subsample_steps
+from nablagfn.methods import build_method, make_transitions, subsample_steps
+from nablagfn.methods.residual_nabla_db import ResidualNablaDB
 from nablagfn.rewards import Reward
 from nablagfn.train.run import Run
 

@@ -281,6 +281,66 @@ class NablaDBConfig(_GradientFlowConfig):
     reverse_weighting: Literal["score", "variance"] = "variance"
 
 
+class ResidualDBConfig(_Strict):
+    """Residual detailed balance (eq. 20): DB in log-densities against the pretrained model, scalar residual flow."""
+
+    name: Literal["residual_db"] = "residual_db"
+
+
+class DAGDBConfig(_Strict):
+    """DAG-DB: GFlowNet detailed balance with a scalar flow network, forward-looking with the predicted reward."""
+
+    name: Literal["dag_db"] = "dag_db"
+
+
+class DDPOConfig(_Strict):
+    """DDPO: PPO-clipped policy gradient on the kernel log-probs, per-prompt advantage normalisation."""
+
+    name: Literal["ddpo"] = "ddpo"
+
+
+class ReFLConfig(_Strict):
+    """ReFL: stop at a random late step, one step with gradient to x̂, maximise the reward of its decoding."""
+
+    name: Literal["refl"] = "refl"
+
+
+class DRaFTConfig(_Strict):
+    """DRaFT-K: backpropagate the final reward through the last K sampler steps."""
+
+    name: Literal["draft"] = "draft"
+
+
+class DRaFTLVConfig(_Strict):
+    """DRaFT-LV: DRaFT-1 with extra noise-then-denoise steps on the final sample (lower-variance gradient)."""
+
+    name: Literal["draft_lv"] = "draft_lv"
+
+
+class AlignPropConfig(_Strict):
+    """AlignProp: backpropagate through the whole chain (gradient checkpointing, random truncation)."""
+
+    name: Literal["alignprop"] = "alignprop"
+
+
+class GRAFTConfig(_Strict):
+    """GRAFT: rejection-sampling finetuning (top-K, threshold, or exact rejection sampling of the tilt)."""
+
+    name: Literal["graft"] = "graft"
+
+
+class PGRAFTConfig(_Strict):
+    """P-GRAFT: GRAFT on the intermediate states at noise level t_I; pretrained model below t_I."""
+
+    name: Literal["pgraft"] = "pgraft"
+
+
+class AdjointMatchingConfig(_Strict):
+    """Adjoint Matching: memoryless schedule, lean adjoint through the pretrained model, control regression."""
+
+    name: Literal["adjoint_matching"] = "adjoint_matching"
+
+
 class OptimizerConfig(_Strict):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -337,7 +397,23 @@ RewardConfig = Annotated[
     ],
     Field(discriminator="kind"),
 ]
-MethodConfig = Annotated[Union[ResidualNablaDBConfig, NablaDBConfig], Field(discriminator="name")]
+MethodConfig = Annotated[
+    Union[
+        ResidualNablaDBConfig,
+        NablaDBConfig,
+        ResidualDBConfig,
+        DAGDBConfig,
+        DDPOConfig,
+        ReFLConfig,
+        DRaFTConfig,
+        DRaFTLVConfig,
+        AlignPropConfig,
+        GRAFTConfig,
+        PGRAFTConfig,
+        AdjointMatchingConfig,
+    ],
+    Field(discriminator="name"),
+]
 
 
 class RunConfig(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -25,6 +26,7 @@ class Trajectories:
     eps: Tensor  # (B, K, *shape)
     log_probs: Tensor  # (B, K)
     cond: Tensor  # (B,) long
+    log_reward: Tensor | None = None  # (B,) log R of the final states, filled by the run that sampled them
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -33,15 +35,23 @@ class Trajectories:
     def final(self) -> Tensor:
         return self.states[:, -1]
 
-    def select(self, index: Tensor) -> "Trajectories":
-        return Trajectories(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+    def select(self, index: Tensor) -> Trajectories:
+        return Trajectories(**{name: value[index] for name, value in self._tensors().items()})
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     def to_dict(self, prefix: str = "") -> dict[str, Tensor]:
-        return {prefix + f.name: getattr(self, f.name).contiguous() for f in fields(self)}
+        return {prefix + name: value.contiguous() for name, value in self._tensors().items()}
 
     @classmethod
-    def from_dict(cls, tensors: dict[str, Tensor], prefix: str = "") -> "Trajectories":
-        return cls(**{f.name: tensors[prefix + f.name] for f in fields(cls)})
+    def from_dict(cls, tensors: dict[str, Tensor], prefix: str = "") -> Trajectories:
+        return cls(**{f.name: tensors[prefix + f.name] for f in fields(cls) if prefix + f.name in tensors})
+
+    @classmethod
+    def concatenate(cls, parts: list[Trajectories]) -> Trajectories:
+        names = parts[0]._tensors()
+        return cls(**{name: torch.cat([getattr(p, name) for p in parts]) for name in names})
 
 
 @torch.no_grad()
@@ -50,10 +60,13 @@ def rollout(
     kernel: GaussianKernel,
     cond: Tensor,
     generator: torch.Generator,
-    finetuned: bool = True,
+    finetuned: bool | Callable[[int], bool] = True,
     record: bool = True,
 ) -> Trajectories | Tensor:
-    """Sample len(cond) trajectories; return them (``record``) or only the final states."""
+    """Sample len(cond) trajectories; return them (``record``) or only the final states.
+
+    ``finetuned``: the finetuned (True) or pretrained (False) policy, or a function of the step index
+    choosing per step (e.g. P-GRAFT's finetuned-above-t_I rule)."""
     batch = cond.shape[0]
     # noise drawn on the CPU from the CPU generator, so runs reproduce across devices
     x = torch.randn((batch, *backend.sample_shape), generator=generator).to(backend.device)
@@ -62,7 +75,7 @@ def rollout(
     for i in range(kernel.num_steps):
         step = torch.full((batch,), i, dtype=torch.long, device=x.device)
         t = kernel.timestep_of_state(step)
-        eps = backend.eps(x, t, cond, finetuned=finetuned)
+        eps = backend.eps(x, t, cond, finetuned=finetuned(i) if callable(finetuned) else finetuned)
         x, mean = kernel.step(x, eps, step, generator)
         if record:
             states.append(x)

@@ -94,13 +94,33 @@ class Method:
         self.reward = reward
         self.kernel = kernel
         self.networks = nn.ModuleDict()
+        self.update, self.total_updates = 0, 1
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named groups, each with its own optimiser settings: ``policy`` and (if any) ``flow``."""
         return {"policy": self.backend.trainable_parameters()}
 
+    def trajectory_loss(self, trajectories: Trajectories, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """The loss of a minibatch of recorded trajectories (with their final ``log_reward``).
+
+        Default: each trajectory's own draw of subsampled transitions (``config.subsample``) → ``loss``.
+        Methods that sample their own chains (ReFL, DRaFT, …) or use whole trajectories override this."""
+        subsample = self.config.subsample
+        rows, steps = subsample_steps(len(trajectories), self.kernel.num_steps, subsample.kind, subsample.fraction,
+                                      generator)
+        return self.loss(make_transitions(trajectories, rows, steps), generator)
+
     def loss(self, batch: TransitionBatch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def set_progress(self, update: int, total_updates: int) -> None:
+        """Called by the trainer before each update (for schedules such as a β ramp)."""
+        self.update, self.total_updates = update, total_updates
+
+    def sampling_policy(self, step: int) -> bool:
+        """Whether the finetuned model (else the pretrained one) takes sampler step ``step`` when this
+        method's model is sampled (training rollouts, evaluation, ``nablagfn sample``)."""
+        return True
 
     # -- shared helpers ------------------------------------------------------
     def smoothed_log_reward(self, clean: Tensor, cond: Tensor, generator: torch.Generator) -> Tensor:

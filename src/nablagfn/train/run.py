@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -51,17 +51,21 @@ class Run:
 
     @torch.no_grad()
     def rollout(self, cond: torch.Tensor, generator: torch.Generator, finetuned: bool = True, record: bool = True):
-        """``rollout`` in chunks of the backend's ``sample_batch_size`` (same draws as one big batch would not be:
-        the chunking is fixed by the backend, so results are reproducible for a given backend)."""
+        """``rollout`` in chunks of the backend's ``sample_batch_size`` (the chunking is fixed by the backend, so
+        results are reproducible for a given backend); recorded trajectories carry their final log-rewards.
+        ``finetuned`` samples the method's policy (``Method.sampling_policy``), else the pretrained model."""
         size = self.backend.sample_batch_size
         starts = range(0, len(cond), size)
         if self.progress and len(starts) > 1:
             starts = tqdm(starts, desc="sample", unit="batch", mininterval=1.0)
-        parts = [rollout(self.backend, self.kernel, cond[start : start + size], generator, finetuned, record)
+        policy = self.method.sampling_policy if finetuned else False  # e.g. P-GRAFT: finetuned above t_I only
+        parts = [rollout(self.backend, self.kernel, cond[start : start + size], generator, policy, record)
                  for start in starts]
         if not record:
             return torch.cat(parts)
-        return Trajectories(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Trajectories)})
+        trajectories = Trajectories.concatenate(parts)
+        trajectories.log_reward = self.log_reward(trajectories.final, trajectories.cond)
+        return trajectories
 
     @torch.no_grad()
     def decode(self, states: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, dump_config
 from ..mdp.rollout import Trajectories
-from ..methods import make_transitions, subsample_steps
 from .checkpoint import CheckpointError, list_checkpoints, load_model_tensors, load_training_state, save_checkpoint, split_prefix
 from .run import Run
 
@@ -137,9 +136,7 @@ class Trainer:
         self.epoch_data = self.epoch_sampled if self.config.train.on_policy else self.previous
         self.epoch_order = torch.randperm(len(self.epoch_data), generator=self.generator)
         self.epoch_position = 0
-        final = self.epoch_sampled.final
-        log_reward = self.run.log_reward(final, self.epoch_sampled.cond)
-        self._pending_sample_metrics = {"sample/log_reward_mean": log_reward.mean().item()}
+        self._pending_sample_metrics = {"sample/log_reward_mean": self.epoch_sampled.log_reward.mean().item()}
 
     def _end_epoch(self) -> None:
         self.previous = self.epoch_sampled
@@ -155,12 +152,8 @@ class Trainer:
         for _ in range(train.accumulation):
             index = self.epoch_order[self.epoch_position : self.epoch_position + train.batch_size]
             self.epoch_position += train.batch_size
-            trajectories = self.epoch_data.select(index)
-            rows, steps = subsample_steps(
-                len(trajectories), self.run.kernel.num_steps, method.config.subsample.kind,
-                method.config.subsample.fraction, self.generator,
-            )
-            loss, metrics = method.loss(make_transitions(trajectories, rows, steps), self.generator)
+            method.set_progress(self.update, train.updates)
+            loss, metrics = method.trajectory_loss(self.epoch_data.select(index), self.generator)
             (loss / train.accumulation).backward()
             loss_value += loss.item() / train.accumulation
             for key, value in metrics.items():
