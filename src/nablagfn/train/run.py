@@ -43,10 +43,13 @@ class Run:
         return cls(config, backend, reward, kernel, method)
 
     def exact_target(self):
-        """The closed-form target of a Gaussian-mixture run, or None."""
+        """The closed-form target of a Gaussian-mixture run (R^β·p^η from the method's ``beta`` and
+        ``prior_strength``, 0 when it has none), or None."""
         if not isinstance(self.backend, GaussianMixtureBackend):
             return None
         method = self.config.method
+        if getattr(method, "beta", None) is None:  # reward maximisers have no target distribution
+            return None
         return exact_target(self.backend.mixture, self.reward, method.beta, getattr(method, "prior_strength", 0.0))
 
     @torch.no_grad()
