@@ -281,64 +281,213 @@ class NablaDBConfig(_GradientFlowConfig):
     reverse_weighting: Literal["score", "variance"] = "variance"
 
 
-class ResidualDBConfig(_Strict):
+class _DetailedBalanceConfig(_Strict):
+    """Keys shared by the scalar-flow DB methods (DAG-DB, residual DB). See docs/methods.md."""
+
+    beta: float = Field(
+        0.5, gt=0, description="β of the target (R^β for DAG-DB, p_pretrained·R^β for residual DB), in the exact "
+        "(summed log-density) convention whatever log_prob_reduction is",
+    )
+    beta_ramp: float = Field(
+        0.5, ge=0, le=1,
+        description="β rises linearly from 0 over this fraction of the updates (DAG reference: the first half); 0: none",
+    )
+    output_reg: float = Field(1.0, ge=0, description="λ of λ‖ε_θ − ε_behaviour‖² (element mean; reference: 1)")
+    log_prob_reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description="mean: the DB residual per state element (the reference averages log-probs over latent elements), "
+        "sum: in nats; both have the target R^β (the reference's β equals beta / number of elements)",
+    )
+    subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
+
+
+class ResidualDBConfig(_DetailedBalanceConfig):
     """Residual detailed balance (eq. 20): DB in log-densities against the pretrained model, scalar residual flow."""
 
     name: Literal["residual_db"] = "residual_db"
+    lookahead: Literal["finetuned", "pretrained"] = Field(
+        "pretrained", description="model whose one-step prediction x̂(x_k) gives the forward-looking log R (paper: "
+        "finetuned, which diverged on the Gaussian mixture)",
+    )
+    prior_strength: float = Field(
+        1.0, ge=0, description="η: target ∝ R^β · p_pretrained^η (η ≠ 1 adds (1 − η) log P_B to the balance)"
+    )
 
 
-class DAGDBConfig(_Strict):
+class DAGDBConfig(_DetailedBalanceConfig):
     """DAG-DB: GFlowNet detailed balance with a scalar flow network, forward-looking with the predicted reward."""
 
     name: Literal["dag_db"] = "dag_db"
+    lookahead: Literal["finetuned", "pretrained"] = Field(
+        "finetuned", description="model whose one-step prediction x̂(x_k) gives the forward-looking log R (reference: "
+        "finetuned)",
+    )
 
 
 class DDPOConfig(_Strict):
-    """DDPO: PPO-clipped policy gradient on the kernel log-probs, per-prompt advantage normalisation."""
+    """DDPO: PPO-clipped policy gradient on the kernel log-probs, per-prompt advantage normalisation.
+
+    On-policy in the reference: set ``train.on_policy=true`` (off-policy data is stale by an epoch of
+    updates, so most ratios leave the tiny clip range and stop contributing). Defaults are the reference's."""
 
     name: Literal["ddpo"] = "ddpo"
+    clip_range: float = Field(1e-4, gt=0, description="PPO clip ε: ratios outside 1 ± ε stop contributing")
+    advantage_clip: float = Field(5.0, gt=0, description="advantages are clipped to ± this")
+    per_prompt: bool = Field(
+        True, description="normalise rewards per prompt with its recent rewards (else by minibatch statistics)"
+    )
+    buffer_size: int = Field(16, ge=2, description="recent rewards kept per prompt for the normalisation")
+    min_count: int = Field(16, ge=2, description="rewards a prompt needs before its own statistics are used")
+    subsample: SubsampleConfig = Field(
+        default_factory=lambda: SubsampleConfig(kind="all", fraction=1.0),
+        description="which steps of each trajectory are trained on (the reference: all)",
+    )
 
 
-class ReFLConfig(_Strict):
+def _check_fraction_range(value: tuple[float, float], key: str) -> None:
+    low, high = value
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"method.{key}: need 0 ≤ low ≤ high ≤ 1, got {list(value)}")
+
+
+class _BackpropConfig(_Strict):
+    """Keys shared by the reward maximisers that backpropagate through sampling (no prior, no target
+    distribution): loss = reward_weight · mean(shaped(−log R)) of freshly sampled chains."""
+
+    reward_weight: float = Field(
+        1.0, gt=0, description="scale of the loss −log R (ReFL's code: grad_scale 1e-3 with lr 1e-5); with Adam it "
+        "matters mainly through gradient clipping"
+    )
+    shaping: Literal["none", "hinge", "relu"] = Field(
+        "none", description="none: −log R; hinge: ReLU(margin − log R) (ReFL's code, margin 2); relu: −ReLU(log R) "
+        "(the ∇-GFlowNet paper's ReFL/DRaFT baselines)"
+    )
+    hinge_margin: float = Field(2.0, description="the margin of shaping=hinge")
+    checkpoint_steps: bool = Field(
+        False, description="recompute each sampler step with gradient in the backward pass (torch.utils.checkpoint): "
+        "memory of one step instead of all of them, about one more forward pass of time"
+    )
+
+
+class ReFLConfig(_BackpropConfig):
     """ReFL: stop at a random late step, one step with gradient to x̂, maximise the reward of its decoding."""
 
     name: Literal["refl"] = "refl"
+    stop_range: tuple[float, float] = Field(
+        (0.7, 1.0), description="the stop state s is drawn uniformly from round(low·K) … round(high·K) − 1 (one per "
+        "minibatch); the default gives states 35–49 of 50 (the ∇-GFlowNet paper), (0.75, 1.0) gives ReFL's 30–39 of 40"
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> "ReFLConfig":
+        _check_fraction_range(self.stop_range, "stop_range")
+        return self
 
 
-class DRaFTConfig(_Strict):
+class DRaFTConfig(_BackpropConfig):
     """DRaFT-K: backpropagate the final reward through the last K sampler steps."""
 
     name: Literal["draft"] = "draft"
+    backprop_steps: int = Field(1, ge=1, description="K: gradient through the last K steps only (DRaFT-1 is typical)")
 
 
-class DRaFTLVConfig(_Strict):
+class DRaFTLVConfig(_BackpropConfig):
     """DRaFT-LV: DRaFT-1 with extra noise-then-denoise steps on the final sample (lower-variance gradient)."""
 
     name: Literal["draft_lv"] = "draft_lv"
+    copies: int = Field(2, ge=1, description="n: noise-then-denoise copies of each final sample (DRaFT: n = 2)")
+    include_sampled_step: bool = Field(
+        False, description="also backpropagate through the chain's own last step (average over 1 + n copies); "
+        "DRaFT's algorithm detaches the sample and uses the n copies only"
+    )
 
 
-class AlignPropConfig(_Strict):
+class AlignPropConfig(_BackpropConfig):
     """AlignProp: backpropagate through the whole chain (gradient checkpointing, random truncation)."""
 
     name: Literal["alignprop"] = "alignprop"
+    truncation: tuple[float, float] = Field(
+        (0.1, 0.3), description="gradient through the last T steps, T drawn uniformly from round(low·K) … "
+        "round(high·K) (at least 1) per minibatch; AlignProp's default: the last 5–15 of 50; (1, 1): the whole chain"
+    )
+    checkpoint_steps: bool = Field(True, description="per-step gradient checkpointing (on by default for AlignProp)")
+
+    @model_validator(mode="after")
+    def _range(self) -> "AlignPropConfig":
+        _check_fraction_range(self.truncation, "truncation")
+        return self
 
 
 class GRAFTConfig(_Strict):
-    """GRAFT: rejection-sampling finetuning (top-K, threshold, or exact rejection sampling of the tilt)."""
+    """GRAFT: rejection-sampling finetuning (top-K, threshold, or exact rejection sampling of the tilt).
+
+    With ``selection=rejection`` and ``proposal=pretrained`` the accepted samples follow p·R^β exactly
+    (β = 1/α, the acceptance temperature's inverse), so the target is R^β · p_pretrained (η = 1)."""
 
     name: Literal["graft"] = "graft"
+    beta: float = Field(0.5, gt=0, description="β = 1/α: rejection sampling accepts with exp(β (log R − max))")
+    selection: Literal["rejection", "top_k", "threshold"] = Field(
+        "rejection", description="rejection: accept w.p. exp(β(log R − max)); top_k: the best; threshold: log R ≥"
+    )
+    top_k_fraction: float = Field(0.25, gt=0, le=1, description="top_k: K/M, the share of each group kept")
+    threshold: float | None = Field(None, description="threshold: accept log R ≥ this (required for it)")
+    log_reward_max: float | None = Field(
+        None, description="rejection: a known upper bound of log R; None: each group's maximum (approximate)"
+    )
+    group: Literal["batch", "prompt"] = Field(
+        "batch", description="top_k and the rejection maximum compare within the minibatch, or per prompt in it"
+    )
+    proposal: Literal["pretrained", "current"] = Field(
+        "pretrained",
+        description="pretrained: fresh pretrained samples each minibatch (exact tilt of p); current: the trainer's "
+        "samples of the finetuned model (iterated, RAFT-style: the tilt compounds every round)",
+    )
+    timesteps: Literal["sampler", "uniform"] = Field(
+        "sampler", description="denoising-loss timesteps: those of the steps the finetuned model takes, or uniform"
+    )
+
+    @property
+    def prior_strength(self) -> float:
+        """η = 1, fixed: rejection sampling from the pretrained model keeps it as the prior."""
+        return 1.0
+
+    @model_validator(mode="after")
+    def _threshold_given(self) -> "GRAFTConfig":
+        if self.selection == "threshold" and self.threshold is None:
+            raise ValueError("method.threshold: selection=threshold needs a log-reward threshold")
+        return self
 
 
-class PGRAFTConfig(_Strict):
+class PGRAFTConfig(GRAFTConfig):
     """P-GRAFT: GRAFT on the intermediate states at noise level t_I; pretrained model below t_I."""
 
     name: Literal["pgraft"] = "pgraft"
+    intermediate_fraction: float = Field(
+        0.5, gt=0, le=1,
+        description="share of sampler steps the finetuned model takes: k_I = round(fraction·K) (t_I = its timestep)",
+    )
 
 
 class AdjointMatchingConfig(_Strict):
-    """Adjoint Matching: memoryless schedule, lean adjoint through the pretrained model, control regression."""
+    """Adjoint Matching (Domingo-Enrich et al. 2024): lean adjoint through the pretrained model, control
+    regression; target ∝ p_pretrained · exp(β log R). Needs a memoryless sampler (DDPM: DDIM η = 1, or
+    first-order SDE-DPM-Solver++). Best with ``train.on_policy=true`` (the paper's setting)."""
 
     name: Literal["adjoint_matching"] = "adjoint_matching"
+    beta: float = Field(
+        0.5, gt=0, description="the paper's reward multiplier λ: target ∝ p_pretrained · R^β; lean adjoint "
+        "ã_K = −β ∇ log R(x_K)"
+    )
+    prior_strength: Literal[1.0] = Field(
+        1.0, description="fixed at 1: Adjoint Matching keeps the pretrained model with exponent 1 (the target is "
+        "p_pretrained · R^β)"
+    )
+    subsample: SubsampleConfig = Field(
+        default_factory=SubsampleConfig,
+        description="steps of each trajectory the loss is evaluated on (the last one always); the lean adjoint is "
+        "propagated through every step regardless",
+    )
+    reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
 
 
 class OptimizerConfig(_Strict):
