@@ -34,7 +34,7 @@ METHOD_SETTINGS: dict[str, list[str]] = {
     "nabla_db": [],
     "residual_db": [],
     "dag_db": [],
-    "ddpo": ["train.on_policy=true"],
+    "ddpo": ["train.on_policy=true", "method.clip_range=0.01", "train.batch_size=64"],  # ε = 1e-4 suits SD latents
     "refl": [],
     "draft": [],
     "draft_lv": [],
