@@ -41,7 +41,7 @@ METHOD_SETTINGS: dict[str, list[str]] = {
     "alignprop": [],
     "graft": [],
     "pgraft": [],
-    "adjoint_matching": [],
+    "adjoint_matching": ["train.on_policy=true"],
 }
 SAMPLES = 8000
 REFERENCE_BETA = 0.5
