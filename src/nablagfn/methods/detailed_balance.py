@@ -17,8 +17,10 @@ and the loss is Δ² + λ ‖ε_θ(x_k) − ε_behaviour(x_k)‖² (element mean
 Forward-looking flow (FL, as eq. 15 for scores and the DAG reference for values):
   log F̃(x_k) = log F_φ(x_k) + β log R(decode(x̂(x_k)))   for k < K (no gradient through the reward),
   log F̃(x_K) = β log R(x_K)                               (the final reward stored at sampling time),
-with x̂ the one-step clean prediction of the finetuned model (``lookahead``; the reference's) and β
-ramped linearly from 0 over the first ``beta_ramp`` fraction of the updates (the reference: half).
+with x̂ the one-step clean prediction of the ``lookahead`` model (DAG-DB default: the finetuned one, as
+the reference; residual DB default: the pretrained one, as this package's residual ∇-DB, since the
+finetuned look-ahead diverged on the Gaussian mixture) and β ramped linearly from 0 over the first
+``beta_ramp`` fraction of the updates (the reference: half).
 
 Choices (docs/methods.md):
 * log-probs are exact Gaussian log-densities **without their normalising constants**: those depend on
