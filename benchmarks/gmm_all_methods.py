@@ -32,15 +32,15 @@ from nablagfn.train.trainer import Trainer
 METHOD_SETTINGS: dict[str, list[str]] = {
     "residual_nabla_db": [],
     "nabla_db": [],
-    "residual_db": [],
-    "dag_db": [],
+    "residual_db": ["method.beta_ramp=0", "train.policy_optimizer.lr=1e-3", "train.flow_optimizer.lr=1e-3"],
+    "dag_db": ["train.policy_optimizer.lr=3e-4", "train.flow_optimizer.lr=3e-3"],
     "ddpo": ["train.on_policy=true", "method.clip_range=0.01", "train.batch_size=64"],  # ε = 1e-4 suits SD latents
-    "refl": [],
-    "draft": [],
-    "draft_lv": [],
-    "alignprop": [],
+    "refl": ["train.policy_optimizer.lr=1e-3"],  # DRaFT / DRaFT-LV diverge at the default 3e-3
+    "draft": ["train.policy_optimizer.lr=1e-3"],
+    "draft_lv": ["train.policy_optimizer.lr=1e-3"],
+    "alignprop": ["train.policy_optimizer.lr=1e-3"],
     "graft": [],
-    "pgraft": [],
+    "pgraft": ["method.intermediate_fraction=0.8"],  # the default 0.5 is biased on the ring (docs)
     "adjoint_matching": ["train.on_policy=true"],
 }
 SAMPLES = 8000

@@ -83,6 +83,12 @@ def _write_run_figures(run, run_dir: Path) -> None:
         print(f"training curves: {path}")
 
 
+def _figure_title(run) -> str:
+    """The method's name, with its β where it has one (the reward maximisers have none)."""
+    beta = getattr(run.config.method, "beta", None)
+    return run.config.method.name if beta is None else f"{run.config.method.name}, β={beta:g}"
+
+
 def _write_vector_figures(run, run_dir: Path) -> None:
     import torch
 
@@ -104,7 +110,7 @@ def _write_vector_figures(run, run_dir: Path) -> None:
             for name, points in panels.items()
         }
         panels["exact target"] = exact
-    path = plot_vector_samples(panels, run_dir / "samples.png", f"{run.config.method.name}, β={run.config.method.beta}")
+    path = plot_vector_samples(panels, run_dir / "samples.png", _figure_title(run))
     print(f"samples figure: {path}")
 
 
@@ -124,8 +130,7 @@ def _write_image_figures(run, run_dir: Path, num: int = 64) -> None:
 
         data, labels = load_digits_dataset()
         panels[f"real digits of class {run.reward.digit}"] = data[labels == run.reward.digit][:num]
-    title = f"{run.config.method.name}, β={run.config.method.beta}, same seeds"
-    path = plot_image_grids(panels, run_dir / "samples.png", title)
+    path = plot_image_grids(panels, run_dir / "samples.png", f"{_figure_title(run)}, same seeds")
     print(f"samples figure: {path}")
 
 
