@@ -196,3 +196,23 @@ def test_config_is_validated_on_assignment():
     config = load_config(None, GMM)
     with pytest.raises(ValueError):
         config.method.beta = -1.0
+
+
+def test_every_method_key_is_documented():
+    """docs/config.md lists every key of every method (a new key without docs fails here)."""
+    import typing
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    from nablagfn.config import MethodConfig
+
+    text = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    union = typing.get_args(MethodConfig)[0] if typing.get_origin(MethodConfig) is typing.Annotated else MethodConfig
+    for cls in typing.get_args(union):
+        assert f"`method.name: {cls.model_fields['name'].default}`" in text
+        for key, field in cls.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            nested = type(default).model_fields if isinstance(default, BaseModel) else {}
+            for name in [f"{key}.{sub}" for sub in nested] or [key]:
+                assert name == "name" or f"`method.{name}`" in text, f"method.{name} ({cls.__name__})"
