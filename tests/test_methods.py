@@ -168,7 +168,7 @@ def test_forward_loss_pushes_policy_toward_reward():
     assert delta_mean[:, 0].mean() > 3 * delta_mean[:, 1].abs().mean()
 
 
-@pytest.mark.parametrize("eta", [1.0, 0.5])
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
 def test_expected_reverse_target_is_conditional_mean_of_sampled(eta):
     run = build_run("reward.kind=gaussian", "method.reverse_target=sampled", f"method.prior_strength={eta}")
     method, kernel, backend = run.method, run.kernel, run.backend
@@ -188,8 +188,10 @@ def test_expected_reverse_target_is_conditional_mean_of_sampled(eta):
     assert (mean_policy - mean_pretrained).abs().max() > 0.05 * float(kernel.std[step_index])
     x_next = mean_policy + kernel.std_like(x, step) * torch.randn(x.shape, generator=gen)
 
-    # the forward condition's optimum: ∇ log F̃(x_{k+1}) = η(μ_θ − μ#)/σ² in expectation
-    next_flow = eta * (mean_policy - mean_pretrained) / kernel.variance_like(x, step)
+    # the forward condition's optimum: ∇ log F̃(x_{k+1}) = η(μ_θ − μ#)/σ² − (1 − η) ∇_{x_{k+1}} log P_B at μ_θ,
+    # in expectation
+    backward_next, backward_here = method.backward_kernel_scores(x, mean_policy, step)
+    next_flow = eta * (mean_policy - mean_pretrained) / kernel.variance_like(x, step) - (1 - eta) * backward_next
     args = (x, x_next, step, cond, mean_policy, mean_pretrained, next_flow)
     sampled = method.reverse_residual_policy_score(*args).double()
     method.config.reverse_target = "expected"
@@ -204,11 +206,12 @@ def test_expected_reverse_target_is_conditional_mean_of_sampled(eta):
     mc_error = sampled.std(0) / n**0.5
     assert ((mc_mean - expected[0]).abs() < 5 * mc_error + 1e-5).all(), (mc_mean, expected[0], mc_error)
     assert expected[0].abs().max() > 20 * mc_error.max()  # the comparison can tell a wrong answer apart
-    # closed form −η J#ᵀ(μ_θ − μ#)/σ², with J# from autograd of the pretrained mean
+    # closed form −η J#ᵀ(μ_θ − μ#)/σ² − (1 − η) ∇_{x_k} log P_B(x_k | μ_θ), J# from autograd of the pretrained mean
     x0 = x[:1].clone().requires_grad_()
     mean0 = kernel.mean(x0, backend.eps(x0, t[:1], cond[:1], finetuned=False), step[:1])
     jac = torch.stack([torch.autograd.grad(mean0[0, i], x0, retain_graph=True)[0][0] for i in range(2)])
     closed = -eta * jac.T @ ((mean_policy[0] - mean_pretrained[0]) / kernel.std[step_index] ** 2).float()
+    closed = closed - (1 - eta) * backward_here[0]
     torch.testing.assert_close(expected[0].float(), closed, rtol=1e-4, atol=1e-5)
 
 

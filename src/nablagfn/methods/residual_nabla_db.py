@@ -1,19 +1,26 @@
 """Residual ∇-DB with the forward-looking flow score (eq. 15–19); target ∝ R(x)^β · p_pretrained(x)^η.
 
-Per transition x_k → x_{k+1} of the finetuned policy P_F = N(μ_θ, σ²) and the
-pretrained policy P# = N(μ#, σ²):
+Per transition x_k → x_{k+1} of the finetuned policy P_F = N(μ_θ, σ²), the pretrained policy
+P# = N(μ#, σ²) and the noising kernel over the sampler's stride P_B(x_k | x_{k+1}) = N(√r x_{k+1}, (1 − r) I),
+r = ᾱ(t_k)/ᾱ(t_{k+1}), the residual policy is log P̃ = log P_F − η log P# − (1 − η) log P_B:
 
   residual policy score, forward (eq. 11):  ∇_{x_{k+1}} log P̃ = [−(x_{k+1} − μ_θ) + η (x_{k+1} − μ#)] / σ²
+                                                               − (1 − η) √r (x_k − √r x_{k+1}) / (1 − r)
   residual flow score (eq. 15):             ∇ log F̃(x_k) = β γ_k ∇_{x_k} log R(x̂_θ(x_k)) + g_φ(x_k)
   forward loss (eq. 16):   ‖∇_{x_{k+1}} log P̃ − ∇ log F̃(x_{k+1})‖²      (at x_K: ∇ log F̃ = β ∇ log R exactly)
   reverse loss (eq. 17):   ‖∇_{x_k} log P̃ + ∇ log F̃(x_k)‖²
   terminal loss (eq. 18):  ‖g_φ(x_K)‖²
   output regularisation:   λ ‖ε_θ(x_k) − ε_behaviour(x_k)‖²
 
+The P_B term vanishes at η = 1, the paper's setting. Eq. 11 drops it for every η ("both models share
+P_B"), but dividing the finetuned chain's balance by the η-th power of the pretrained one's leaves P_B^(1−η):
+without it the fixed point is not R^β·p^η for η ≠ 1 (on the ring, η = 0.5 over-concentrated: mean log R
+−0.64 against the target's −1.16). At η = 0 this is ∇-DB (eq. 7–9, ``NablaDB``).
+
 Choices beyond the paper (each switchable; the reasons and figures are in docs/methods.md):
 * ``reverse_target``: the estimator of eq. 17's target. ``sampled`` is the paper's; ``expected`` is its
   conditional expectation over x_{k+1} ~ P_F(·|x_k), −η J_{μ#}(x_k)ᵀ(μ_θ − μ#)/σ²; ``propagated``
-  (default) substitutes eq. 16's optimum into it, giving −J_{μ#}(x_k)ᵀ ∇ log F̃(x_{k+1}).
+  (default) substitutes eq. 16's optimum into it, giving −J_{μ#}(x_k)ᵀ ∇ log F̃(x_{k+1}) at η = 1.
 * ``lookahead``: x̂ in eq. 15 from the pretrained model (default) or the finetuned one (paper).
 * ``forward_weighting="eps"``: the forward loss × σ⁴/b² (b the ε coefficient of the step mean), i.e.
   measured in ε units, so the low-noise steps do not dominate; ``reverse_weighting="variance"``: × σ².
@@ -35,6 +42,19 @@ class ResidualNablaDB(Method):
         self.networks["flow_score"] = backend.make_flow_score_net().to(backend.device)  # g_φ, zero at start
 
     @property
+    def prior_strength(self) -> float:
+        """η of the target R^β · p_pretrained^η."""
+        return self.config.prior_strength
+
+    @property
+    def detach_flow_in_forward(self) -> bool:
+        return self.config.detach_flow_in_forward
+
+    @property
+    def second_order(self) -> bool:
+        return self.config.second_order
+
+    @property
     def flow_score_net(self) -> nn.Module:
         return self.networks["flow_score"]
 
@@ -53,6 +73,14 @@ class ResidualNablaDB(Method):
         scale = self.config.beta * self.gamma(state_index).to(x.dtype)
         return scale.reshape(-1, *([1] * (x.dim() - 1))) * grad
 
+    def backward_kernel_scores(self, x: Tensor, x_next: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+        """(∇_{x_{k+1}}, ∇_{x_k}) of log P_B(x_k | x_{k+1}) = log N(x_k; √r x_{k+1}, (1 − r) I)."""
+        abar = self.backend.schedule.alphas_cumprod.to(x.device)
+        ratio = abar[self.kernel.timestep_of_state(step)] / abar[self.kernel.timestep_of_state(step + 1)]
+        ratio = ratio.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        scaled_residual = (x - ratio.sqrt() * x_next) / (1 - ratio)
+        return ratio.sqrt() * scaled_residual, -scaled_residual
+
     def flow_score(self, x: Tensor, state_index: Tensor, cond: Tensor) -> Tensor:
         """g_φ(x_k), the learned part of eq. 15; eq. 18 drives it to zero at final states, and the forward
         loss of the last transition uses β ∇ log R(x_K) alone."""
@@ -61,7 +89,7 @@ class ResidualNablaDB(Method):
     def loss(self, batch: TransitionBatch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         cfg, kernel, backend = self.config, self.kernel, self.backend
         x, x_next, step, cond = batch.state, batch.next_state, batch.step, batch.cond
-        eta = cfg.prior_strength
+        eta = self.prior_strength
         timestep = kernel.timestep_of_state(step)
         next_index = step + 1
         is_last = next_index == kernel.num_steps
@@ -76,9 +104,11 @@ class ResidualNablaDB(Method):
 
         # eq. 16: forward residual ∇-DB
         residual_policy_score = (-(x_next - mean_policy) + eta * (x_next - mean_pretrained)) / variance
+        if eta != 1:
+            residual_policy_score = residual_policy_score - (1 - eta) * self.backward_kernel_scores(x, x_next, step)[0]
         next_flow_score = self.forward_looking_score(x_next, next_index, cond, generator)
         g_next = self.flow_score(x_next, next_index, cond)
-        if cfg.detach_flow_in_forward:
+        if self.detach_flow_in_forward:
             g_next = g_next.detach()
         g_next = torch.where(is_last.reshape(-1, *([1] * (x.dim() - 1))), torch.zeros_like(g_next), g_next)
         forward_residual = residual_policy_score - (next_flow_score + g_next)
@@ -129,25 +159,38 @@ class ResidualNablaDB(Method):
         mean_pretrained: Tensor,
         next_flow_score: Tensor,
     ) -> Tensor:
-        """∇_{x_k} [log P_F(x_{k+1}|x_k) − η log P#(x_{k+1}|x_k)] as ``method.reverse_target`` estimates it:
-        ``sampled`` at the recorded x_{k+1}; ``expected`` over x_{k+1} ~ P_F; ``propagated`` with eq. 16's
-        optimum η(μ_θ − μ#)/σ² = ∇ log F̃(x_{k+1}) substituted into the expectation."""
-        kernel, backend, eta = self.kernel, self.backend, self.config.prior_strength
+        """∇_{x_k} log P̃(x_{k+1}|x_k) as ``method.reverse_target`` estimates it: ``sampled`` at the recorded
+        x_{k+1}; ``expected`` over x_{k+1} ~ P_F; ``propagated`` with eq. 16's optimum substituted into the
+        expectation. With v = (x_k − √r μ_θ)/(1 − r) (the P_B part, 0 at η = 1):
+          expected:    −η J#ᵀ(μ_θ − μ#)/σ² + (1 − η) v
+          propagated:  −J#ᵀ(∇ log F̃(x_{k+1}) + (1 − η) √r v) + (1 − η) v   (eq. 16: η(μ_θ − μ#)/σ² − (1 − η)√r v
+                       = E[∇ log F̃(x_{k+1})])."""
+        kernel, backend, eta = self.kernel, self.backend, self.prior_strength
         timestep = kernel.timestep_of_state(step)
 
         def pretrained_eps(inp: Tensor) -> Tensor:
             return backend.eps(inp, timestep, cond, finetuned=False)
 
+        if self.config.reverse_target == "sampled":
+            def policy_eps(inp: Tensor) -> Tensor:
+                return backend.eps(inp, timestep, cond, finetuned=True)
+
+            score = kernel.reverse_score(x, x_next, step, policy_eps, create_graph=self.second_order)
+            if eta != 0:
+                score = score - eta * kernel.reverse_score(x, x_next, step, pretrained_eps)
+            if eta != 1:
+                score = score - (1 - eta) * self.backward_kernel_scores(x, x_next, step)[1]
+            return score
+
+        # E_{x_{k+1} ~ P_F}: J_θᵀ(x_{k+1} − μ_θ)/σ² has mean 0, J#ᵀ(x_{k+1} − μ#)/σ² has mean J#ᵀ(μ_θ − μ#)/σ², and
+        # P_B's score is linear in x_{k+1}, so its mean is the score at μ_θ
+        mean_policy = mean_policy.detach()
+        backward_next, backward_here = self.backward_kernel_scores(x, mean_policy, step)
         if self.config.reverse_target == "propagated":
-            return -kernel.mean_vjp(x, next_flow_score, step, pretrained_eps)
-        if self.config.reverse_target == "expected":
-            # E_{x_{k+1} ~ P_F}[J_θᵀ(x_{k+1} − μ_θ)/σ²] = 0 and E[J#ᵀ(x_{k+1} − μ#)/σ²] = J#ᵀ(μ_θ − μ#)/σ²
-            vector = eta * (mean_policy - mean_pretrained).detach() / kernel.variance_like(x, step)
-            return -kernel.mean_vjp(x, vector, step, pretrained_eps)
-
-        def policy_eps(inp: Tensor) -> Tensor:
-            return backend.eps(inp, timestep, cond, finetuned=True)
-
-        policy_score = kernel.reverse_score(x, x_next, step, policy_eps, create_graph=self.config.second_order)
-        pretrained_score = kernel.reverse_score(x, x_next, step, pretrained_eps)
-        return policy_score - eta * pretrained_score
+            score = -kernel.mean_vjp(x, next_flow_score + (1 - eta) * backward_next, step, pretrained_eps)
+        elif eta != 0:
+            vector = eta * (mean_policy - mean_pretrained) / kernel.variance_like(x, step)
+            score = -kernel.mean_vjp(x, vector, step, pretrained_eps)
+        else:
+            score = torch.zeros_like(x)
+        return score - (1 - eta) * backward_here
