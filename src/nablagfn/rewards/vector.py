@@ -63,12 +63,45 @@ class LinearReward(Reward):
         return GaussianMixture(means, mixture.stds.clone(), torch.softmax(log_w, 0))
 
 
-def exact_target(prior: GaussianMixture, reward: Reward, beta: float, prior_strength: float) -> GaussianMixture | None:
-    """The exact target ∝ R^β · p^η as a mixture, where it has a closed form (η = 1, or η = 0 with a
-    Gaussian reward, whose R^β alone is N(c, scale²/β)); None otherwise."""
+class GridDensity:
+    """An unnormalised 2-D density tabulated on a fine grid, sampled exactly up to the grid's resolution:
+    a cell drawn ∝ its density at the centre, then a uniform point in the cell. For targets without a
+    closed form (R^β · p^η with 0 < η < 1); ``sample`` matches ``GaussianMixture.sample``."""
+
+    def __init__(self, log_density, low: float, high: float, cells: int = 1200):
+        self.width = (high - low) / cells
+        centres = low + self.width * (torch.arange(cells, dtype=torch.float64) + 0.5)
+        grid_x, grid_y = torch.meshgrid(centres, centres, indexing="ij")
+        self.centres = torch.stack([grid_x.flatten(), grid_y.flatten()], 1)
+        log_weights = log_density(self.centres)
+        self.weights = torch.softmax(log_weights - log_weights.max(), 0)
+
+    def sample(self, num: int, generator: torch.Generator) -> Tensor:
+        cells = torch.multinomial(self.weights.float(), num, replacement=True, generator=generator)
+        jitter = (torch.rand((num, 2), generator=generator, dtype=torch.float64) - 0.5) * self.width
+        return (self.centres[cells] + jitter).float()
+
+
+def exact_target(
+    prior: GaussianMixture, reward: Reward, beta: float, prior_strength: float
+) -> GaussianMixture | GridDensity | None:
+    """The exact target ∝ R^β · p^η: a mixture in closed form (η = 1, or η = 0 with a Gaussian reward, whose
+    R^β alone is N(c, scale²/β)); for other η ∈ (0, 1) on a 2-D mixture, tabulated on a grid over the prior's
+    support (± 5 stds of p^η's components, plus the shift of a linear tilt); None otherwise."""
     if prior_strength == 1 and isinstance(reward, (GaussianReward, LinearReward)):
         return reward.tilt(prior, beta)
     if prior_strength == 0 and isinstance(reward, GaussianReward):
         center = reward.center.to(torch.float64)[None]
         return GaussianMixture(center, torch.tensor([reward.scale / beta**0.5]), torch.ones(1))
+    if 0 < prior_strength < 1 and prior.dim == 2 and isinstance(reward, (GaussianReward, LinearReward)):
+        std = prior.stds.max().item() / prior_strength**0.5  # p^η's components are η^(−1/2) times wider
+        shift = beta * std**2 * reward.direction.norm().item() if isinstance(reward, LinearReward) else 0.0
+        margin = 5 * std + shift
+        low, high = prior.means.min().item() - margin, prior.means.max().item() + margin
+
+        def log_density(x: Tensor) -> Tensor:
+            cond = torch.zeros(x.shape[0], dtype=torch.long)
+            return prior_strength * prior.log_prob(x) + beta * reward.log_reward(x, cond).to(torch.float64)
+
+        return GridDensity(log_density, low, high)
     return None
