@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="finetune a model (defaults: the 2-D 8-mode ring with residual ∇-DB)",
+    train = commands.add_parser("train", help="finetune a model (defaults: the built-in digits model toward the digit 3 with residual ∇-DB)",
                                 description="Finetune. Config = defaults ← --config YAML ← key=value overrides.")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. method.beta=2.0")
     train.add_argument("--config", help="YAML config file (see docs/config.md)")
