@@ -264,10 +264,18 @@ def test_alignprop_gradient_matches_a_manual_truncated_chain():
 
 # -- training --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", METHODS)
-def test_short_gmm_run_raises_the_reward(name, tmp_path):
+def test_short_gmm_run_raises_the_reward(name, tmp_path, monkeypatch):
     config = load_config(None, [*FAST, f"method.name={name}", "train.trajectories_per_epoch=64", "train.batch_size=32",
                                 "train.updates=30", "train.eval_samples=500", "train.eval_every=1000"])
     trainer = Trainer(config, tmp_path / "run", progress=False)
+
+    sample_only = trainer.run.rollout
+
+    def no_recorded_rollouts(cond, generator, finetuned=True, record=True):
+        assert not record, "the trainer rolled out trajectories the method does not use"
+        return sample_only(cond, generator, finetuned, record)  # evaluation samples
+
+    monkeypatch.setattr(trainer.run, "rollout", no_recorded_rollouts)  # training epochs are conditions only
     final = trainer.train()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     initial = records[0]["eval/log_reward_mean"]

@@ -54,6 +54,28 @@ class Trajectories:
         return cls(**{name: torch.cat([getattr(p, name) for p in parts]) for name in names})
 
 
+@dataclass
+class EpochConditions:
+    """An epoch's conditions alone, for methods that draw their own chains (nothing is rolled out).
+    Behaves as ``Trajectories`` where the trainer needs it: length, selection, checkpointing."""
+
+    cond: Tensor  # (B,) long
+    log_reward: None = None
+
+    def __len__(self) -> int:
+        return self.cond.shape[0]
+
+    def select(self, index: Tensor) -> EpochConditions:
+        return EpochConditions(self.cond[index])
+
+    def to_dict(self, prefix: str = "") -> dict[str, Tensor]:
+        return {prefix + "cond": self.cond.contiguous()}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, Tensor], prefix: str = "") -> EpochConditions:
+        return cls(tensors[prefix + "cond"])
+
+
 @torch.no_grad()
 def rollout(
     backend,

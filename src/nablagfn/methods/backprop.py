@@ -17,8 +17,9 @@ mode-seek by design. With Φ_k(x, z) = μ_θ(x, k) + σ_k z the kernel's step k 
 
 Losses are means over the minibatch. The chains are fresh: x_0 and every step's noise come from the
 trainer's generator (in the order a rollout draws them), and only ``trajectories.cond`` of the
-trainer's minibatch is used, so the prompts match the trainer's sampling. The trainer still samples
-and scores its own epochs of trajectories (for its log): extra sampling these methods do not need.
+trainer's minibatch is used, so the prompts match the trainer's sampling (``draws_own_chains``: the trainer
+samples only conditions for these methods; their log has ``loss/log_reward_mean`` instead of the epoch's
+``sample/log_reward_mean``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..mdp.rollout import Trajectories
+from ..mdp.rollout import EpochConditions
 from .base import Method
 
 
@@ -53,9 +54,10 @@ class BackpropThroughSampling(Method):
     and the shaped reward objective shared by the methods of this module."""
 
     needs_reward_gradient = True
+    draws_own_chains = True
 
-    def trajectory_loss(self, trajectories: Trajectories, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        """Fresh chains for the minibatch's conditions (its recorded transitions are not used)."""
+    def trajectory_loss(self, trajectories: EpochConditions, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """Fresh chains for the minibatch's conditions (the trainer samples nothing else for these methods)."""
         return self.chain_loss(trajectories.cond.to(self.backend.device), generator)
 
     def chain_loss(self, cond: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:

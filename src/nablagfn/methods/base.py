@@ -82,6 +82,9 @@ class Method:
 
     #: whether the method needs ∇ log R (refuses non-differentiable rewards)
     needs_reward_gradient: bool = True
+    #: whether the loss draws its own chains from the minibatch's conditions; the trainer then samples only
+    #: conditions for it (``EpochConditions``), not whole trajectories it would not use
+    draws_own_chains: bool = False
 
     def __init__(self, config, backend: Backend, reward: Reward, kernel: GaussianKernel):
         if self.needs_reward_gradient and not reward.differentiable:

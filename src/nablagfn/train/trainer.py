@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, dump_config
-from ..mdp.rollout import Trajectories
+from ..mdp.rollout import EpochConditions, Trajectories
 from .checkpoint import CheckpointError, list_checkpoints, load_model_tensors, load_training_state, save_checkpoint, split_prefix
 from .run import Run
 
@@ -35,6 +35,8 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.progress_desc = "train"  # the progress bar's label, and its line (None: tqdm's choice)
+        self.progress_position: int | None = None
         self.run = Run.build(config)
         train = config.train
         self.parameter_groups = self.run.method.parameter_groups()
@@ -49,9 +51,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(train.seed)
         self.update = 0
         self.epoch = 0
-        self.previous: Trajectories | None = None  # D_prev of Algorithm 1
-        self.epoch_data: Trajectories | None = None  # what this epoch trains on
-        self.epoch_sampled: Trajectories | None = None  # D_curr, carried to the next epoch
+        self.previous: Trajectories | EpochConditions | None = None  # D_prev of Algorithm 1
+        self.epoch_data: Trajectories | EpochConditions | None = None  # what this epoch trains on
+        self.epoch_sampled: Trajectories | EpochConditions | None = None  # D_curr, carried to the next epoch
         self.epoch_order: torch.Tensor | None = None
         self.epoch_position = 0
         self.nonfinite_in_a_row = 0
@@ -100,8 +102,10 @@ class Trainer:
         self.update, self.epoch = state["update"], state["epoch"]
         self.epoch_position, self.nonfinite_in_a_row = state["epoch_position"], state["nonfinite_in_a_row"]
 
-        def restore(prefix: str) -> Trajectories | None:
-            return Trajectories.from_dict(tensors, prefix) if prefix + "states" in tensors else None
+        def restore(prefix: str) -> Trajectories | EpochConditions | None:
+            if prefix + "states" in tensors:
+                return Trajectories.from_dict(tensors, prefix)
+            return EpochConditions.from_dict(tensors, prefix) if prefix + "cond" in tensors else None
 
         self.previous = restore("previous.")
         self.epoch_sampled = restore("epoch_sampled.")
@@ -124,9 +128,11 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
 
     # -- the loop ----------------------------------------------------------------
-    def _sample_epoch(self) -> Trajectories:
+    def _sample_epoch(self) -> Trajectories | EpochConditions:
         run = self.run
         cond = run.backend.sample_conditions(self.config.train.trajectories_per_epoch, self.generator)
+        if run.method.draws_own_chains:
+            return EpochConditions(cond)
         return run.rollout(cond, self.generator)
 
     def _start_epoch(self) -> None:
@@ -136,7 +142,9 @@ class Trainer:
         self.epoch_data = self.epoch_sampled if self.config.train.on_policy else self.previous
         self.epoch_order = torch.randperm(len(self.epoch_data), generator=self.generator)
         self.epoch_position = 0
-        self._pending_sample_metrics = {"sample/log_reward_mean": self.epoch_sampled.log_reward.mean().item()}
+        self._pending_sample_metrics = {}
+        if self.epoch_sampled.log_reward is not None:
+            self._pending_sample_metrics["sample/log_reward_mean"] = self.epoch_sampled.log_reward.mean().item()
 
     def _end_epoch(self) -> None:
         self.previous = self.epoch_sampled
@@ -193,8 +201,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_config(self.config))
             self.metrics_path.write_text("")
             self._log({"update": 0, **{f"eval/{k}": v for k, v in self.run.evaluate(train.eval_samples).items()}})
-        bar = tqdm(total=train.updates, initial=self.update, desc="train", disable=not self.progress, unit="upd",
-                   mininterval=1.0)
+        bar = tqdm(total=train.updates, initial=self.update, desc=self.progress_desc, disable=not self.progress,
+                   unit="upd", mininterval=1.0, position=self.progress_position)
         started = time.perf_counter() - self.elapsed  # wall time accumulates across resumes
         evaluation: dict[str, float] | None = None
         while self.update < train.updates:
