@@ -11,7 +11,6 @@ from nablagfn.backends.digits import DigitsBackend, DigitsUNet, load_digits_data
 from nablagfn.cli import main
 from nablagfn.config import load_config
 from nablagfn.errors import ConfigError
-from nablagfn.eval.digits import frechet_distance, mean_pairwise_distance
 from nablagfn.pretrain import pretrain_classifier, pretrain_digits
 from nablagfn.shipped import shipped_weights
 from nablagfn.rewards.classifier import load_digit_classifier
@@ -101,17 +100,6 @@ def test_pretrain_command_writes_weights(tmp_path, capsys):
     out = tmp_path / "cls.safetensors"
     assert main(["pretrain", "classifier", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
     assert out.is_file() and "reward.weights=" in capsys.readouterr().out
-
-
-def test_frechet_distance_and_diversity_figures():
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(4000, 3, generator=generator, dtype=torch.float64)
-    b = torch.randn(4000, 3, generator=generator, dtype=torch.float64) * 2 + 1
-    # closed form for isotropic Gaussians: |Δμ|² + d (σ_a − σ_b)²
-    assert frechet_distance(a, b) == pytest.approx(3 * 1 + 3 * (2 - 1) ** 2, rel=0.1)
-    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
-    assert mean_pairwise_distance(torch.zeros(5, 1, 2, 2)) == 0
-    assert mean_pairwise_distance(torch.tensor([[0.0], [1.0]])) == pytest.approx(1.0)
 
 
 def test_finetuning_raises_the_class_probability(tmp_path):

@@ -176,7 +176,7 @@ def test_gradient_finite_nonzero_and_weights_frozen(kind, assets):
 def test_text_rewards_match_clip_reference(kind, assets):
     reward = _text_reward(kind, assets)
     assert reward.uses_prompts
-    assert (reward.mean, reward.std) == (MEAN, STD)
+    assert (reward.encoder.mean, reward.encoder.std) == (MEAN, STD)
     prompts = ["a photo of a red cat", "an oil painting of a blue dog on a hill"]
     reward.set_prompts(prompts)
     y = _images(torch.Generator().manual_seed(3), 2)
@@ -214,7 +214,8 @@ def test_normalisation_defaults_to_clip_without_preprocessor_config(assets, tmp_
     bare = tmp_path / "bare"
     shutil.copytree(assets["root"] / "clip16", bare, ignore=shutil.ignore_patterns("preprocessor_config.json"))
     reward = _reward("clip", f"reward.model={bare}")
-    assert (reward.mean, reward.std, reward.image_size) == (CLIP_MEAN, CLIP_STD, SIZE)
+    encoder = reward.encoder
+    assert (encoder.mean, encoder.std, encoder.image_size) == (CLIP_MEAN, CLIP_STD, SIZE)
 
 
 def test_missing_or_wrong_weights_raise_config_error(assets, tmp_path):

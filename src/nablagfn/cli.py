@@ -1,4 +1,4 @@
-"""The ``nablagfn`` command line: train, sample, eval, pretrain."""
+"""The ``nablagfn`` command line: train, sample, eval, compare, pretrain."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _write_run_figures(run, run_dir: Path) -> None:
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     keys = ["eval/log_reward_mean", "sample/log_reward_mean", "eval/mode_tv", "eval/class_accuracy",
-            "eval/fd_to_class", "eval/diversity", "loss"]
+            "eval/fd_to_class", "eval/diversity", "eval/fid_to_pretrained", "loss"]
     path = plot_training_curves(records, run_dir / "curves.png", keys)
     if path:
         print(f"training curves: {path}")
@@ -195,6 +195,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    # `--seeds 0 1 key=value …`: the list options swallow the overrides that follow them; give them back
+    overrides = [*args.overrides, *(v for v in (args.methods or []) + (args.seeds or []) if "=" in v)]
+
+    def split(values: list[str] | None) -> list[str] | None:  # "--methods a b" and "--methods a,b" alike
+        if values is None:
+            return None
+        return [item for value in values if "=" not in value for item in value.split(",") if item]
+
+    seeds = split(args.seeds)
+    try:
+        seeds = None if seeds is None else [int(seed) for seed in seeds]
+    except ValueError:
+        raise ConfigError(f"--seeds takes integers (got {' '.join(split(args.seeds))})") from None
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{datetime.now():%Y%m%d}"
+    if args.report_only and (args.config or args.settings or overrides):
+        raise ConfigError("--report-only reads the runs under --out; drop --config, --settings and overrides")
+    try:
+        return compare(out, split(args.methods), seeds, args.config, args.settings, overrides, args.jobs,
+                       progress=not args.no_progress, report_only=args.report_only)
+    except KeyboardInterrupt:
+        print(f"nablagfn: interrupted; rerun the same command with --out {out} to resume", file=sys.stderr)
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nablagfn",
@@ -232,6 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["train", "eval"], default="train",
                         help="prompts to condition on: training ones, or the held-out ones (model.prompts.held_out)")
     evaluate.set_defaults(func=cmd_eval)
+
+    compare = commands.add_parser(
+        "compare", help="train a grid of methods × seeds alike and write a report (Table 1, trade-off figures)",
+        description="Train every (method, seed) with the same config (defaults ← --config ← key=value overrides ← "
+        "the method's --settings) and write OUT/results.md, summary.json, curves.png, pareto.png and grids.png. "
+        "Resumable: rerunning skips finished runs and resumes unfinished ones. See docs/compare.md.",
+    )
+    compare.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every run")
+    compare.add_argument("--methods", nargs="+", metavar="METHOD",
+                         help="method names, space- or comma-separated (default: all 12)")
+    compare.add_argument("--seeds", nargs="+", metavar="SEED", help="train.seed values (default: 0 1 2)")
+    compare.add_argument("--config", help="YAML config file for every run (see docs/config.md)")
+    compare.add_argument("--settings", metavar="FILE",
+                         help="YAML mapping method name → list of key=value overrides for that method "
+                         "(e.g. configs/compare_digits.yaml)")
+    compare.add_argument("--out", help="report directory (default: runs/compare-<date>)")
+    compare.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes, one thread each")
+    compare.add_argument("--report-only", action="store_true",
+                         help="rebuild the report from the run directories under --out, without training")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bars (the per-run lines stay)")
+    compare.set_defaults(func=cmd_compare)
 
     pretrain = commands.add_parser(
         "pretrain", help="rebuild the shipped digits model or classifier (seeded)",

@@ -528,6 +528,21 @@ class TrainConfig(_Strict):
         return self
 
 
+class EvalConfig(_Strict):
+    """Sample metrics of each evaluation beyond the reward: diversity and FID to the pretrained model, per prompt."""
+
+    features: Literal["auto", "classifier", "clip", "dreamsim", "inception", "pixels"] = Field(
+        "auto", description="feature extractor of the diversity and FID; auto: classifier for digits, clip for "
+        "Stable Diffusion when a CLIP is at hand (eval.features_path or the reward's), else none"
+    )
+    features_path: str | None = Field(
+        None, description="its weights: classifier safetensors, CLIP directory or hub id, DreamSim cache directory, "
+        "FID Inception .pth; None: the shipped classifier / the reward's CLIP or openai/clip-vit-large-patch14"
+    )
+    prior_fid: bool = Field(True, description="report fid_to_pretrained (pretrained samples drawn once per run)")
+    batch_size: int = Field(32, ge=1, description="images per feature-extractor batch")
+
+
 ModelConfig = Annotated[
     Union[GMMModelConfig, DigitsModelConfig, StableDiffusionModelConfig], Field(discriminator="kind")
 ]
@@ -571,6 +586,7 @@ class RunConfig(_Strict):
     method: MethodConfig = Field(default_factory=ResidualNablaDBConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":
@@ -586,6 +602,13 @@ class RunConfig(_Strict):
             raise ValueError(f"reward.kind: {reward!r} is an image reward; model.kind=gmm needs gaussian or linear")
         if reward == "classifier" and model != "digits":
             raise ValueError("reward.kind: 'classifier' is the digits classifier; it needs model.kind=digits")
+        features = self.eval.features
+        if model == "gmm" and features != "auto":
+            raise ValueError("eval.features: the Gaussian mixture is measured against its exact target; leave it auto")
+        if features in ("classifier", "pixels") and model != "digits":
+            raise ValueError(f"eval.features: {features!r} is for the 8×8 digits; it needs model.kind=digits")
+        if features in ("dreamsim", "inception") and self.eval.features_path is None:
+            raise ValueError(f"eval.features_path: eval.features={features} needs its local weights (docs/config.md)")
         return self
 
 

@@ -58,8 +58,8 @@ def _normalisation(*directories: str) -> Normalisation:
     return CLIP_MEAN, CLIP_STD
 
 
-class _ClipImageReward(Reward):
-    """A reward on the L2-normalised image embedding of a CLIP vision tower (taken from a loaded CLIPModel)."""
+class ClipImageEncoder(nn.Module):
+    """The vision tower of a loaded CLIPModel: [0, 1] images → unit-norm image embeddings (rewards, eval features)."""
 
     def __init__(self, clip: nn.Module, normalisation: Normalisation) -> None:
         super().__init__()
@@ -68,15 +68,33 @@ class _ClipImageReward(Reward):
         self.image_size: int = clip.config.vision_config.image_size
         self.mean, self.std = normalisation
 
+    @classmethod
+    def load(cls, source: str, key: str) -> ClipImageEncoder:
+        """The encoder of the CLIP model at ``source`` (directory or hub id), normalised as its directory says."""
+        clip, directory = _load_clip(source, key)
+        return cls(clip, _normalisation(directory))
+
+    def forward(self, y: Tensor) -> Tensor:
+        """[0, 1] images (B, C, H, W) → unit-norm CLIP image embeddings (B, D), differentiable w.r.t. y."""
+        pixels = clip_preprocess(y, self.image_size, self.mean, self.std).to(self.visual_projection.weight.device)
+        features = self.visual_projection(self.vision_model(pixel_values=pixels).pooler_output)
+        return F.normalize(features, dim=-1)
+
+
+class _ClipImageReward(Reward):
+    """A reward on the L2-normalised image embedding of a CLIP vision tower (taken from a loaded CLIPModel)."""
+
+    def __init__(self, clip: nn.Module, normalisation: Normalisation) -> None:
+        super().__init__()
+        self.encoder = ClipImageEncoder(clip, normalisation)
+
     def train(self, mode: bool = True) -> _ClipImageReward:
         """Reward models stay in eval mode (no dropout), whatever the module holding them does."""
         return super().train(False)
 
     def image_embeddings(self, y: Tensor) -> Tensor:
         """[0, 1] images (B, C, H, W) → unit-norm CLIP image embeddings (B, D), differentiable w.r.t. y."""
-        pixels = clip_preprocess(y, self.image_size, self.mean, self.std).to(self.visual_projection.weight.device)
-        features = self.visual_projection(self.vision_model(pixel_values=pixels).pooler_output)
-        return F.normalize(features, dim=-1)
+        return self.encoder(y)
 
 
 class AestheticHead(nn.Module):
@@ -131,7 +149,7 @@ class AestheticReward(_ClipImageReward):
 
     def __init__(self, clip: nn.Module, head: AestheticHead, normalisation: Normalisation) -> None:
         super().__init__(clip, normalisation)
-        width = self.visual_projection.out_features
+        width = self.encoder.visual_projection.out_features
         if head.layers[0].in_features != width:
             raise ConfigError(
                 f"reward.head: the MLP takes {head.layers[0].in_features}-dim embeddings but reward.clip_model "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from tqdm import tqdm
@@ -10,7 +11,9 @@ from tqdm import tqdm
 from ..backends import Backend, GaussianMixtureBackend, build_backend
 from ..config import ConfigError, RunConfig
 from ..eval.digits import digits_metrics
+from ..eval.features import FeatureExtractor, build_features
 from ..eval.gmm import target_metrics
+from ..eval.metrics import diversity, grouped_frechet_distance
 from ..mdp import GaussianKernel, make_kernel, rollout
 from ..mdp.rollout import Trajectories
 from ..methods import Method, build_method
@@ -28,6 +31,9 @@ class Run:
     method: Method
     #: a progress bar over sampling batches (for commands that sample many; training has its own bar)
     progress: bool = False
+    #: features of the pretrained reference samples of ``fid_to_pretrained``, by (num, seed, split): drawn once
+    #: per run, since the pretrained model does not change
+    _pretrained_features: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def build(cls, config: RunConfig) -> "Run":
@@ -98,17 +104,47 @@ class Run:
     def sample(self, num: int, seed: int, finetuned: bool = True, split: str = "train") -> torch.Tensor:
         return self.sample_with_conditions(num, seed, finetuned, split)[0]
 
+    @cached_property
+    def features(self) -> FeatureExtractor | None:
+        """The feature extractor of the sample metrics (``eval.features``), built at first use; None: none."""
+        return build_features(self.config, self.reward)
+
+    @torch.no_grad()
+    def features_of(self, states: torch.Tensor) -> torch.Tensor:
+        """``features`` of the decoded final states, decoding ``sample_batch_size`` at a time."""
+        parts = states.split(self.backend.sample_batch_size)
+        return torch.cat([self.features(self.backend.decode(part)) for part in parts])
+
+    def pretrained_reference(self, num: int, seed: int, split: str, cond: torch.Tensor) -> torch.Tensor:
+        """Features of pretrained samples of the conditions ``cond`` (those of ``num`` samples from ``seed``) with
+        independent noise (seed + 1), computed at the first call for (num, seed, split) and kept."""
+        key = (num, seed, split)
+        if key not in self._pretrained_features:
+            generator = torch.Generator().manual_seed(seed + 1)
+            states = self.rollout(cond.cpu(), generator, finetuned=False, record=False)
+            self._pretrained_features[key] = self.features_of(states)
+        return self._pretrained_features[key]
+
     @torch.no_grad()
     def evaluate(self, num: int, seed: int = 1234, finetuned: bool = True, split: str = "train") -> dict[str, float]:
-        """Mean log-reward, and the ground-truth distances when the target is known, on the ``train`` or the
-        held-out ``eval`` conditions."""
+        """Metrics of ``num`` samples from ``seed`` on the ``train`` or the held-out ``eval`` conditions: the mean
+        log-reward; with an ``eval.features`` extractor the diversity and (``eval.prior_fid``) the FID to the
+        pretrained model, each per prompt and averaged over prompts; the ground-truth distances when the target is
+        known (Gaussian mixture, digits with the classifier reward)."""
         samples, cond = self.sample_with_conditions(num, seed, finetuned, split)
         log_reward = self.log_reward(samples, cond)
         metrics = {"log_reward_mean": log_reward.mean().item(), "log_reward_std": log_reward.std().item()}
+        if self.features is not None:
+            features = self.features_of(samples)
+            metrics["diversity"] = diversity(features, cond, self.features.distance)
+            if self.config.eval.prior_fid:
+                reference = self.pretrained_reference(num, seed, split, cond)
+                metrics["fid_to_pretrained"] = grouped_frechet_distance(features, cond, reference, cond)
         target = self.exact_target()
         if target is not None:
             generator = torch.Generator().manual_seed(seed + 1)
             metrics.update(target_metrics(samples, target, self.backend.mixture, generator))
         if isinstance(self.reward, ClassifierReward):  # ground truth: the real digits of the class
-            metrics.update(digits_metrics(self.decode(samples), self.reward.digit, self.reward.classifier))
+            images = self.decode(samples)
+            metrics.update(digits_metrics(images, self.reward.digit, self.reward.classifier, self.features))
         return metrics
