@@ -164,6 +164,24 @@ def test_empty_accepted_set_gives_a_zero_loss_and_a_clean_update(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.run.backend.adapter_state_dict().items())
 
 
+@pytest.mark.parametrize("proposal,records", [("pretrained", False), ("current", True)])
+def test_trainer_rolls_out_epochs_only_for_the_current_proposal(tmp_path, monkeypatch, proposal, records):
+    overrides = [*FAST, "method.name=graft", f"method.proposal={proposal}", "train.trajectories_per_epoch=16",
+                 "train.batch_size=16", "train.updates=2", "train.eval_samples=50"]
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run", progress=False)
+    recorded = []
+    sample = trainer.run.rollout
+
+    def counting_rollout(cond, generator, finetuned=True, record=True):
+        recorded.append(record)
+        return sample(cond, generator, finetuned, record)
+
+    monkeypatch.setattr(trainer.run, "rollout", counting_rollout)
+    trainer.train()
+    assert any(recorded) == records
+    assert (tmp_path / "run" / "checkpoints" / "update_0000002").is_dir()
+
+
 # -- runs -------------------------------------------------------------------------------------------------------------
 def gmm_run(tmp_path, *overrides: str) -> tuple[dict, dict]:
     config = load_config(None, [*FAST, *overrides, "train.trajectories_per_epoch=64", "train.batch_size=32",

@@ -84,6 +84,12 @@ def partial_noising(data: Tensor, noise: Tensor, abar: Tensor, abar_data: float)
 class GRAFT(Method):
     needs_reward_gradient = False
 
+    @property
+    def draws_own_chains(self) -> bool:
+        """``proposal=pretrained`` draws fresh pretrained chains per minibatch: the trainer's epochs are then
+        conditions only (its finetuned samples would go unused)."""
+        return self.config.proposal == "pretrained"
+
     #: state index of the kept samples (K: the final sample)
     @property
     def data_state(self) -> int:
