@@ -139,22 +139,29 @@ class Method:
         return total / smoothing.samples
 
     def predicted_log_reward_grad(
-        self, x: Tensor, state_index: Tensor, cond: Tensor, generator: torch.Generator
+        self, x: Tensor, state_index: Tensor, cond: Tensor, generator: torch.Generator,
+        pretrained: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """∇_x log R(x̂(x)) through a one-step clean prediction (detached).
 
         x̂ comes from the finetuned model (the paper's x̂_θ) or, with ``lookahead="pretrained"``,
         from the frozen pretrained model. For final states (state_index = K) it is the state itself.
+        ``pretrained``: (x_in, ε#(x_in)) already evaluated with its graph from the leaf x_in (x detached, requiring
+        grad); with ``lookahead="pretrained"`` it is differentiated instead of evaluating ε# again (the graph is
+        freed).
         """
         kernel, backend = self.kernel, self.backend
         is_final = state_index == kernel.num_steps
+        finetuned = getattr(self.config, "lookahead", "finetuned") == "finetuned"
         with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
+            x_in, eps = (None, None) if pretrained is None or finetuned else pretrained
+            if x_in is None:
+                x_in = x.detach().requires_grad_(True)
             timestep = kernel.timestep_of_state(state_index)
             clean = x_in
             if not bool(is_final.all()):
-                finetuned = getattr(self.config, "lookahead", "finetuned") == "finetuned"
-                eps = backend.eps(x_in, timestep, cond, finetuned=finetuned)
+                if eps is None:
+                    eps = backend.eps(x_in, timestep, cond, finetuned=finetuned)
                 predicted = backend.predict_clean(x_in, timestep, eps)
                 mask = is_final.reshape(-1, *([1] * (x.dim() - 1)))
                 clean = torch.where(mask, x_in, predicted)

@@ -67,9 +67,12 @@ class ResidualNablaDB(Method):
         gamma = {"alpha_bar": abar, "sqrt_alpha_bar": abar.sqrt(), "one": torch.ones_like(abar)}[self.config.gamma]
         return torch.where(state_index == self.kernel.num_steps, torch.ones_like(gamma), gamma)
 
-    def forward_looking_score(self, x: Tensor, state_index: Tensor, cond: Tensor, generator) -> Tensor:
-        """β γ_k ∇ log R(x̂(x_k)), the look-ahead part of eq. 15 (detached; x̂ per ``method.lookahead``)."""
-        grad = self.predicted_log_reward_grad(x, state_index, cond, generator)
+    def forward_looking_score(
+        self, x: Tensor, state_index: Tensor, cond: Tensor, generator, pretrained: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """β γ_k ∇ log R(x̂(x_k)), the look-ahead part of eq. 15 (detached; x̂ per ``method.lookahead``;
+        ``pretrained``: ε# at x_k already evaluated with its graph, as ``predicted_log_reward_grad`` takes it)."""
+        grad = self.predicted_log_reward_grad(x, state_index, cond, generator, pretrained)
         scale = self.config.beta * self.gamma(state_index).to(x.dtype)
         return scale.reshape(-1, *([1] * (x.dim() - 1))) * grad
 
@@ -80,6 +83,18 @@ class ResidualNablaDB(Method):
         ratio = ratio.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
         scaled_residual = (x - ratio.sqrt() * x_next) / (1 - ratio)
         return ratio.sqrt() * scaled_residual, -scaled_residual
+
+    def pretrained_eps_with_graph(self, x: Tensor, timestep: Tensor, cond: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(x_in, ε#(x_in)) with x_in = x detached and requiring grad, when the loss differentiates ε# at x_k: the
+        reverse target (``propagated``; ``expected`` and ``sampled`` for η ≠ 0) and the ``pretrained`` look-ahead
+        x̂#(x_k). None when nothing does (ε# is then only a value)."""
+        cfg = self.config
+        reverse_uses_pretrained = cfg.reverse_target == "propagated" or self.prior_strength != 0
+        if not reverse_uses_pretrained and cfg.lookahead != "pretrained":
+            return None
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            return x_in, self.backend.eps(x_in, timestep, cond, finetuned=False)
 
     def flow_score(self, x: Tensor, state_index: Tensor, cond: Tensor) -> Tensor:
         """g_φ(x_k), the learned part of eq. 15; eq. 18 drives it to zero at final states, and the forward
@@ -97,29 +112,38 @@ class ResidualNablaDB(Method):
         eps_coef = kernel.eps_coef.to(x)[step].reshape(variance.shape)
 
         eps_policy = backend.eps(x, timestep, cond, finetuned=True)
-        with torch.no_grad():
-            eps_pretrained = backend.eps(x, timestep, cond, finetuned=False)
         mean_policy = kernel.mean(x, eps_policy, step)
+        # ∇ log F̃(x_{k+1}) (eq. 15) first, so that its look-ahead graph is freed before ε#(x_k)'s is built
+        next_flow_score = self.forward_looking_score(x_next, next_index, cond, generator)
+        if self.detach_flow_in_forward:  # no graph for a value used detached
+            with torch.no_grad():
+                g_next = self.flow_score(x_next, next_index, cond)
+        else:
+            g_next = self.flow_score(x_next, next_index, cond)
+        g_next = torch.where(is_last.reshape(-1, *([1] * (x.dim() - 1))), torch.zeros_like(g_next), g_next)
+        # ε#(x_k) is evaluated once, with its graph from x_k when the reverse target (J#ᵀv) or the pretrained
+        # look-ahead x̂#(x_k) differentiates it below (each used to evaluate it again: docs/performance.md)
+        pretrained = self.pretrained_eps_with_graph(x, timestep, cond)
+        if pretrained is None:
+            with torch.no_grad():
+                eps_pretrained = backend.eps(x, timestep, cond, finetuned=False)
+        else:
+            eps_pretrained = pretrained[1].detach()
         mean_pretrained = kernel.mean(x, eps_pretrained, step)
 
         # eq. 16: forward residual ∇-DB
         residual_policy_score = (-(x_next - mean_policy) + eta * (x_next - mean_pretrained)) / variance
         if eta != 1:
             residual_policy_score = residual_policy_score - (1 - eta) * self.backward_kernel_scores(x, x_next, step)[0]
-        next_flow_score = self.forward_looking_score(x_next, next_index, cond, generator)
-        g_next = self.flow_score(x_next, next_index, cond)
-        if self.detach_flow_in_forward:
-            g_next = g_next.detach()
-        g_next = torch.where(is_last.reshape(-1, *([1] * (x.dim() - 1))), torch.zeros_like(g_next), g_next)
         forward_residual = residual_policy_score - (next_flow_score + g_next)
         forward_weight = variance**2 / eps_coef**2 if cfg.forward_weighting == "eps" else torch.ones_like(variance)
         forward_loss = batch_mean(forward_weight * forward_residual**2)
 
         # eq. 17: reverse residual ∇-DB
         reverse_policy_score = self.reverse_residual_policy_score(
-            x, x_next, step, cond, mean_policy, mean_pretrained, (next_flow_score + g_next).detach()
+            x, x_next, step, cond, mean_policy, mean_pretrained, (next_flow_score + g_next).detach(), pretrained
         )
-        flow_here = self.forward_looking_score(x, step, cond, generator) + self.flow_score(x, step, cond)
+        flow_here = self.forward_looking_score(x, step, cond, generator, pretrained) + self.flow_score(x, step, cond)
         reverse_residual = reverse_policy_score + flow_here
         reverse_weight = variance if cfg.reverse_weighting == "variance" else torch.ones_like(variance)
         reverse_loss = batch_mean(reverse_weight * reverse_residual**2)
@@ -158,26 +182,44 @@ class ResidualNablaDB(Method):
         mean_policy: Tensor,
         mean_pretrained: Tensor,
         next_flow_score: Tensor,
+        pretrained: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """∇_{x_k} log P̃(x_{k+1}|x_k) as ``method.reverse_target`` estimates it: ``sampled`` at the recorded
         x_{k+1}; ``expected`` over x_{k+1} ~ P_F; ``propagated`` with eq. 16's optimum substituted into the
         expectation. With v = (x_k − √r μ_θ)/(1 − r) (the P_B part, 0 at η = 1):
           expected:    −η J#ᵀ(μ_θ − μ#)/σ² + (1 − η) v
           propagated:  −J#ᵀ(∇ log F̃(x_{k+1}) + (1 − η) √r v) + (1 − η) v   (eq. 16: η(μ_θ − μ#)/σ² − (1 − η)√r v
-                       = E[∇ log F̃(x_{k+1})])."""
+                       = E[∇ log F̃(x_{k+1})]).
+        ``pretrained``: (x_in, ε#(x_in)) from ``pretrained_eps_with_graph``, differentiated (graph kept) instead of
+        evaluating ε# again."""
         kernel, backend, eta = self.kernel, self.backend, self.prior_strength
         timestep = kernel.timestep_of_state(step)
 
         def pretrained_eps(inp: Tensor) -> Tensor:
             return backend.eps(inp, timestep, cond, finetuned=False)
 
+        def pretrained_mean_vjp(vector: Tensor) -> Tensor:
+            if pretrained is None:
+                return kernel.mean_vjp(x, vector, step, pretrained_eps)
+            x_in, eps = pretrained
+            with torch.enable_grad():
+                mean = kernel.mean(x_in, eps, step)
+                (product,) = torch.autograd.grad(mean, x_in, grad_outputs=vector.detach(), retain_graph=True)
+            return product
+
         if self.config.reverse_target == "sampled":
             def policy_eps(inp: Tensor) -> Tensor:
                 return backend.eps(inp, timestep, cond, finetuned=True)
 
             score = kernel.reverse_score(x, x_next, step, policy_eps, create_graph=self.second_order)
-            if eta != 0:
+            if eta != 0 and pretrained is None:
                 score = score - eta * kernel.reverse_score(x, x_next, step, pretrained_eps)
+            elif eta != 0:  # kernel.reverse_score on the ε# already evaluated
+                x_in, eps = pretrained
+                with torch.enable_grad():
+                    log_prob = kernel.log_prob(x_next.detach(), kernel.mean(x_in, eps, step), step)
+                    (pretrained_score,) = torch.autograd.grad(log_prob.sum(), x_in, retain_graph=True)
+                score = score - eta * pretrained_score
             if eta != 1:
                 score = score - (1 - eta) * self.backward_kernel_scores(x, x_next, step)[1]
             return score
@@ -187,10 +229,10 @@ class ResidualNablaDB(Method):
         mean_policy = mean_policy.detach()
         backward_next, backward_here = self.backward_kernel_scores(x, mean_policy, step)
         if self.config.reverse_target == "propagated":
-            score = -kernel.mean_vjp(x, next_flow_score + (1 - eta) * backward_next, step, pretrained_eps)
+            score = -pretrained_mean_vjp(next_flow_score + (1 - eta) * backward_next)
         elif eta != 0:
             vector = eta * (mean_policy - mean_pretrained) / kernel.variance_like(x, step)
-            score = -kernel.mean_vjp(x, vector, step, pretrained_eps)
+            score = -pretrained_mean_vjp(vector)
         else:
             score = torch.zeros_like(x)
         return score - (1 - eta) * backward_here
