@@ -29,9 +29,8 @@ from multiprocessing import current_process, get_context
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from .config import RunConfig, load_config, parse_override
+from .config import RunConfig, load_config, parse_override, read_yaml_mapping
 from .errors import CheckpointError, ConfigError
 from .methods import METHODS
 
@@ -94,17 +93,7 @@ def load_settings(path: str | Path | None) -> dict[str, list[str]]:
     """Per-method overrides from a YAML file mapping method name → list of ``key=value`` strings."""
     if path is None:
         return {}
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--settings {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--settings {path} is not valid YAML: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--settings {path} must map method names to lists of key=value overrides")
+    data = read_yaml_mapping(path, "--settings", "map method names to lists of key=value overrides")
     settings: dict[str, list[str]] = {}
     for method, items in data.items():
         if method not in METHODS:

@@ -670,20 +670,24 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def read_yaml_mapping(path: str | Path, label: str, expected: str) -> dict:
+    """A YAML file holding a mapping (empty file: {}), or a ConfigError naming ``label`` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{label} {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{label} {path} is not valid YAML: {error}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{label} {path} must {expected}")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Defaults ← YAML file ← dotted overrides, validated as one tree."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (model, reward, method, …)")
-        tree = loaded or {}
+    expected = "hold a mapping of sections (model, reward, method, …)"
+    tree = {} if path is None else read_yaml_mapping(path, "config file", expected)
     for override in overrides:
         key, value = parse_override(override)
         _set(tree, key, value)

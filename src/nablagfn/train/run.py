@@ -50,7 +50,11 @@ class Run:
 
     def exact_target(self):
         """The closed-form target of a Gaussian-mixture run (R^β·p^η from the method's ``beta`` and
-        ``prior_strength``, 0 when it has none), or None."""
+        ``prior_strength``, 0 when it has none), or None. Built once per run (a grid for fractional η)."""
+        return self._exact_target
+
+    @cached_property
+    def _exact_target(self):
         if not isinstance(self.backend, GaussianMixtureBackend):
             return None
         method = self.config.method
