@@ -123,12 +123,13 @@ def model_overrides(model: str, sd_path: str | None) -> list[str]:
     return overrides
 
 
-def tiny_sd_pipeline(directory: Path) -> str:
-    """Write the tests' tiny random-weight pipeline (offline, < 1 s) and return its directory."""
+def tiny_sd_pipeline(directory: Path, **options) -> str:
+    """Write the tests' tiny random-weight pipeline (offline, < 1 s; ``options`` go to ``save_tiny_sd``, e.g.
+    ``latent_size``) and return its directory."""
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_sd import save_tiny_sd
 
-    return str(save_tiny_sd(directory / "tiny_sd"))
+    return str(save_tiny_sd(directory / "tiny_sd", **options))
 
 
 def make_trainer(model: str, method: str, device: str, extra: list[str], sd_path: str | None, workdir: Path) -> Trainer:
@@ -142,12 +143,13 @@ def updates_per_epoch(trainer: Trainer) -> int:
     return train.trajectories_per_epoch // (train.batch_size * train.accumulation)
 
 
-def one_update(trainer: Trainer) -> None:
-    """One optimiser update as ``Trainer.train`` makes it (without logging, evaluation or checkpoints)."""
-    trainer._one_update()
+def one_update(trainer: Trainer) -> dict[str, float]:
+    """One optimiser update as ``Trainer.train`` makes it (without logging, evaluation or checkpoints); its metrics."""
+    metrics = trainer._one_update()
     trainer.update += 1
-    if trainer.epoch_position >= len(trainer.epoch_data):
+    if trainer.epoch_position >= len(trainer.shards[0].data):
         trainer._end_epoch()
+    return metrics
 
 
 def run_epoch(trainer: Trainer, device: str) -> dict:
@@ -156,7 +158,7 @@ def run_epoch(trainer: Trainer, device: str) -> dict:
     trainer._start_epoch()
     sampled = clock(device)
     updates = []
-    while trainer.epoch_data is not None:
+    while trainer.in_epoch:
         before = clock(device)
         one_update(trainer)
         updates.append(clock(device) - before)
@@ -254,7 +256,7 @@ def memory_child(args: argparse.Namespace) -> None:
             trainer._start_epoch()  # off-policy: the first epoch samples two (D_prev and D_curr)
         stored = meter.in_use()
         updates: list[int] = []
-        while trainer.epoch_data is not None:
+        while trainer.in_epoch:
             with meter.peak(updates):
                 one_update(trainer)
     print(json.dumps({
@@ -353,11 +355,12 @@ def measure_overhead(trainer: Trainer, repeats: int, device: str) -> dict:
     anatomy of its loss; all interleaved round-robin."""
     run, method, backend, kernel = trainer.run, trainer.run.method, trainer.run.backend, trainer.run.kernel
     train = trainer.config.train
-    while trainer.epoch_data is not None:  # finish the epoch under way
+    while trainer.in_epoch:  # finish the epoch under way
         one_update(trainer)
     trainer._start_epoch()
     generator = torch.Generator().manual_seed(0)
-    trajectories = trainer.epoch_data.select(trainer.epoch_order[: train.batch_size])
+    shard = trainer.shards[0]  # one process: one shard unless train.data_shards says otherwise
+    trajectories = shard.data.select(shard.order[: trainer.shard_batch_size])
     subsample = method.config.subsample
     rows, steps = subsample_steps(len(trajectories), kernel.num_steps, subsample.kind, subsample.fraction, generator)
     batch = make_transitions(trajectories, rows, steps)
@@ -376,7 +379,8 @@ def measure_overhead(trainer: Trainer, repeats: int, device: str) -> dict:
         trainer._one_update()
 
     def rollout() -> None:
-        trainer._sample_epoch()
+        for each in trainer.shards:
+            trainer._sample_epoch(each)
 
     def policy() -> None:
         backend.eps(x, timestep, cond, finetuned=True).square().mean().backward()
@@ -504,14 +508,17 @@ def time_to_reward(report: Path, level: float) -> dict:
 
 
 # -- output ----------------------------------------------------------------------------------------------------------
-def markdown(results: dict) -> str:
-    info = results["machine"]
-    lines = [f"# Method costs: `{results['command']}`", ""]
+def machine_line(info: dict) -> str:
+    """The ``machine`` record as one Markdown sentence."""
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
     load = info.get("load_average_start"), info.get("load_average_end")
     load_text = f"; load average {load[0][0]:.2f} at the start, {load[1][0]:.2f} at the end" if all(load) else ""
-    lines.append(f"Machine: {info['platform']} ({info['processor']}), {info['cpu_count']} CPUs, torch {info['torch']}, "
-                 f"{info['threads']} thread(s), device {info['device']}{gpu}, Python {info['python']}{load_text}.")
+    return (f"Machine: {info['platform']} ({info['processor']}), {info['cpu_count']} CPUs, torch {info['torch']}, "
+            f"{info['threads']} thread(s), device {info['device']}{gpu}, Python {info['python']}{load_text}.")
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Method costs: `{results['command']}`", "", machine_line(results["machine"])]
     if "model" in results:
         lines.append(f"Model `{results['model']}`: {MODELS[results['model']][1]}"
                      + (f"; overrides {' '.join(results['overrides'])}" if results["overrides"] else "") + ".")

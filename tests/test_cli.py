@@ -52,7 +52,7 @@ def test_train_writes_run_directory(trained_run):
     assert checkpoints == ["update_0000002", "update_0000004"]
     for name in checkpoints:
         files = {p.name for p in (trained_run / "checkpoints" / name).iterdir()}
-        assert files == {"model.safetensors", "optimizers.safetensors", "state.safetensors", "state.json"}
+        assert files == {"model.safetensors", "optimizers.safetensors", "shard_000.safetensors", "state.json"}
 
     metrics = json.loads((trained_run / "eval.json").read_text())
     for key in ("log_reward_mean", "mode_tv", "energy_distance"):

@@ -69,7 +69,8 @@ def assert_same_state(a: Trainer, b: Trainer) -> None:
             for key, value in state_a[index].items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[index][key])), (group, index, key)
     assert a.update == b.update and a.epoch == b.epoch
-    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    for shard_a, shard_b in zip(a.shards, b.shards, strict=True):
+        assert torch.equal(shard_a.generator.get_state(), shard_b.generator.get_state())
 
 
 LOSS_KEYS = ("loss", "loss/forward", "loss/reverse", "loss/terminal", "grad_norm/policy", "grad_norm/flow", "lr/policy")

@@ -235,3 +235,15 @@ def test_missing_or_wrong_weights_raise_config_error(assets, tmp_path):
         _reward("aesthetic", f"reward.clip_model={root / 'vit768'}", f"reward.head={tmp_path / 'not_a_head.pth'}")
     with pytest.raises(ConfigError, match=r"reward\.head.*768"):  # head for ViT-L/14, CLIP with 16-dim embeddings
         _reward("aesthetic", f"reward.clip_model={root / 'clip16'}", f"reward.head={root / 'head.pth'}")
+
+
+def test_clip_weights_are_read_from_safetensors_only(assets, tmp_path):
+    """A CLIP directory holding only a pickled pytorch_model.bin is refused, not unpickled."""
+    directory = tmp_path / "vit768_bin"
+    shutil.copytree(assets["root"] / "vit768", directory)
+    state = CLIPModel.from_pretrained(directory).state_dict()
+    for weights in directory.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(state, directory / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"reward\.clip_model: could not load a CLIP model from .*vit768_bin"):
+        _reward("aesthetic", f"reward.clip_model={directory}", f"reward.head={assets['root'] / 'head.pth'}")

@@ -3,6 +3,7 @@ CLIP tokenizer directory, loaded through build_reward and checked against a plai
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -341,3 +342,17 @@ def test_missing_files_raise_config_errors_naming_the_file_and_key(files, tmp_pa
     torch.save({"state_dict": {"weight": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match=r"reward\.checkpoint.*other\.pt"):
         _build(tmp_path / "other.pt", files / "tokenizer")
+
+
+def test_checkpoint_holding_pickled_code_is_refused(files, tmp_path):
+    """torch.load(weights_only=True) refuses the pickled call; the error names the key and the file."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    torch.save({"visual.proj": Payload()}, tmp_path / "trap.pt")
+    with pytest.raises(ConfigError, match=r"reward\.checkpoint.*trap\.pt.*UnpicklingError"):
+        _build(tmp_path / "trap.pt", files / "tokenizer")
+    assert not marker.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -291,6 +292,19 @@ def test_missing_or_incomplete_pipeline_names_model_path(pipeline_dir, tmp_path)
         make_backend("nobody/no-such-pipeline")
     with pytest.raises(ConfigError, match=r"model\.lora_targets"):
         make_backend(pipeline_dir, "model.lora_targets=[no_such_layer]")
+
+
+def test_pipeline_weights_are_read_from_safetensors_only(pipeline_dir, tmp_path):
+    """A pipeline whose UNet is a pickled .bin is refused, not unpickled."""
+    from safetensors.torch import load_file
+
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(pipeline_dir, pipeline)
+    unet = pipeline / "unet"
+    torch.save(load_file(unet / "diffusion_pytorch_model.safetensors"), unet / "diffusion_pytorch_model.bin")
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"model\.path: Stable Diffusion pipeline .*pipeline.* could not be read"):
+        make_backend(pipeline)
 
 
 # -- prompt tables ----------------------------------------------------------------------

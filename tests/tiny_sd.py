@@ -31,14 +31,15 @@ def byte_level_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def save_tiny_sd(path: str | Path, seed: int = 0) -> Path:
-    """Write a random-weight pipeline directory to ``path`` and return it."""
+def save_tiny_sd(path: str | Path, seed: int = 0, latent_size: int = LATENT_SIZE) -> Path:
+    """Write a random-weight pipeline directory to ``path`` and return it; ``latent_size`` is the latent side
+    (images are twice as wide). The weights do not depend on it, only the sizes the pipeline declares."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
+        sample_size=latent_size,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         block_out_channels=(16, 32),
@@ -58,7 +59,7 @@ def save_tiny_sd(path: str | Path, seed: int = 0) -> Path:
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
-        sample_size=2 * LATENT_SIZE,
+        sample_size=2 * latent_size,
     )
     tokenizer = byte_level_tokenizer()
     text_encoder = CLIPTextModel(

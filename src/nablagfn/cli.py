@@ -8,7 +8,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
 
 
 def _run_dir(out: str | None) -> Path:
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"nablagfn: error: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, CheckpointError) as error:
+    except (FileNotFoundError, CheckpointError, NonFiniteLossError) as error:
         print(f"nablagfn: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -136,9 +136,8 @@ def plan_grid(
     failures: dict[str, list[str]] = {}  # error message → methods (a bad global override fails them all alike)
     configs: dict[str, RunConfig] = {}
     for method in methods:
-        try:  # the seed cannot make a config invalid: validate once per method
-            _check_combination(load_config(config_file, [*overrides, *settings.get(method, []),
-                                                         f"method.name={method}"]))
+        try:  # the seed cannot make a config invalid: validate once per method (method × reward included)
+            load_config(config_file, [*overrides, *settings.get(method, []), f"method.name={method}"])
         except ConfigError as error:
             failures.setdefault(str(error), []).append(method)
             continue
@@ -159,22 +158,6 @@ def plan_grid(
     return specs
 
 
-def _check_combination(config: RunConfig) -> None:
-    """What ``Run.build`` would refuse and the classes tell without loading a model: a method that needs reward
-    gradients with a reward that has none (other build-time errors fail their run alone, when it starts)."""
-    from importlib import import_module
-
-    from .methods import method_class
-    from .rewards import REWARDS
-
-    module, name = REWARDS[config.reward.kind].split(":")
-    reward_class = getattr(import_module(f".rewards.{module}", __package__), name)
-    if method_class(config.method.name).needs_reward_gradient and not reward_class.differentiable:
-        raise ConfigError(f"invalid config:\n  method.name: {config.method.name} needs reward gradients, but "
-                          f"reward.kind={config.reward.kind} is not differentiable; leave this method out or choose "
-                          f"a differentiable reward")
-
-
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {prefix: tree}
@@ -190,6 +173,8 @@ def _check_saved_config(spec: RunSpec) -> None:
     if not saved.is_file():
         return
     previous = load_config(saved)
+    if spec.config.train.data_shards is None and previous.train.data_shards == 1:  # what one process resolves
+        previous.train.data_shards = None  # None to (compare trains each run in one process)
     if previous == spec.config:
         return
     old, new = _flatten(previous.model_dump(mode="json")), _flatten(spec.config.model_dump(mode="json"))
@@ -220,7 +205,8 @@ def train_run(spec: RunSpec, progress: bool = False, position: int | None = None
     """Train one run of the grid from scratch, or resume it; skip it when finished or diverged. Returns what happened
     (``status``: skipped, trained, resumed, diverged or failed; ``seconds``; ``error``). Never raises for a failing
     run, so the other runs of the grid go on; a diverged run (non-finite losses) is marked so reruns skip it."""
-    from .train.trainer import NonFiniteLossError, Trainer
+    from .errors import NonFiniteLossError
+    from .train.trainer import Trainer
 
     state = run_state(spec.run_dir, spec.config.train.updates)
     outcome: dict[str, Any] = {"name": spec.name, "state": state, "seconds": 0.0}

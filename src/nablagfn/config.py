@@ -125,7 +125,9 @@ class StableDiffusionModelConfig(_Strict):
         min_length=1,
         description="g_φ's UNet widths, one block each; every width a multiple of 8",
     )
-    gradient_checkpointing: bool = Field(False, description="recompute UNet/VAE activations in backward (less memory)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute UNet, VAE and flow-network activations in backward (less memory, slower)"
+    )
     sample_batch_size: int = Field(8, ge=1, description="trajectories per sampling batch and images per decode")
 
     @model_validator(mode="after")
@@ -515,7 +517,18 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(250, ge=1)
     eval_samples: int = Field(4000, ge=2)
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu, cuda or cuda:N; under `accelerate launch`, cuda gives each "
+                        "process its own GPU")
+    data_shards: int | None = Field(
+        None, ge=1, description="each epoch is sampled in this many shards, shard k from its own seeded generator "
+        "(train.seed + k·2³²) and spread over the training processes; the run does not depend on how many "
+        "processes share the shards. None: the number of processes at the start of the run (then saved)"
+    )
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers (through accelerate) besides metrics.jsonl, which "
+        "is always written; wandb honours WANDB_MODE=offline"
+    )
+    project: str = Field("nablagfn", min_length=1, description="the trackers' project name")
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":
@@ -524,6 +537,11 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"train.trajectories_per_epoch ({self.trajectories_per_epoch}) must be a multiple of "
                 f"train.batch_size × train.accumulation ({per_update})"
+            )
+        if self.data_shards is not None and self.batch_size % self.data_shards:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of train.data_shards ({self.data_shards}): "
+                "every shard contributes the same number of trajectories to each gradient"
             )
         return self
 
@@ -609,10 +627,31 @@ class RunConfig(_Strict):
             raise ValueError(f"eval.features: {features!r} is for the 8×8 digits; it needs model.kind=digits")
         if features in ("dreamsim", "inception") and self.eval.features_path is None:
             raise ValueError(f"eval.features_path: eval.features={features} needs its local weights (docs/config.md)")
+        problem = _reward_gradient_problem(self.method.name, reward)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
 VECTOR_REWARDS = ("gaussian", "linear")
+
+
+def _reward_gradient_problem(method: str, reward: str) -> str | None:
+    """Why ``method`` cannot use ``reward`` (it needs ∇ log R and the reward has none), or None. Read from the
+    classes without building anything, so the error comes before any model is loaded."""
+    from importlib import import_module
+
+    from .methods import METHODS, method_class
+    from .rewards import REWARDS
+
+    if method not in METHODS or reward not in REWARDS or not method_class(method).needs_reward_gradient:
+        return None
+    module, name = REWARDS[reward].split(":")
+    if getattr(import_module(f".rewards.{module}", __package__), name).differentiable:
+        return None
+    free = [m for m in METHODS if not method_class(m).needs_reward_gradient]
+    return (f"method.name: {method} needs reward gradients, but reward.kind={reward} is not differentiable; "
+            f"choose a method without reward gradients ({', '.join(free)}) or a differentiable reward")
 
 
 def _tag_values(union: Any) -> set[str]:

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or does not match the run."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient (each was skipped); the run stopped."""

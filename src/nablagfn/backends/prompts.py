@@ -38,6 +38,20 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _csv_prompts(text: str, source: str, column: str) -> list[str]:
+    """The non-empty values of ``column`` in CSV ``text``; ConfigError naming the file for malformed CSV."""
+    try:
+        reader = csv.DictReader(text.splitlines(), strict=True)
+        if column not in (reader.fieldnames or []):
+            raise ConfigError(
+                f"model.prompts.column: {source!r} has no column {column!r} "
+                f"(its columns: {', '.join(reader.fieldnames or []) or 'none'})"
+            )
+        return [row[column].strip() for row in reader if (row[column] or "").strip()]
+    except csv.Error as error:
+        raise ConfigError(f"{SOURCE_KEY}: {source!r} is not valid CSV (line {reader.line_num}: {error})") from None
+
+
 def read_prompts(source: str, column: str = "prompt") -> list[str]:
     """The prompts of a built-in list or a .txt / .json / .csv file; ConfigError if none can be read."""
     if source in BUILTIN_PROMPTS:
@@ -50,7 +64,14 @@ def read_prompts(source: str, column: str = "prompt") -> list[str]:
                 f"({', '.join(BUILTIN_PROMPTS)}) or a .txt, .json or .csv file"
             )
         suffix = path.suffix.lower()
-        text = path.read_text("utf-8")
+        try:
+            text = path.read_text("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{SOURCE_KEY}: {source!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+            ) from None
+        except OSError as error:
+            raise ConfigError(f"{SOURCE_KEY}: prompt file {source!r} could not be read ({error.strerror})") from None
         if suffix == ".txt":
             prompts = _lines(text)
         elif suffix == ".json":
@@ -62,13 +83,7 @@ def read_prompts(source: str, column: str = "prompt") -> list[str]:
                 raise ConfigError(f"{SOURCE_KEY}: {source!r} must hold a JSON list of strings")
             prompts = [p.strip() for p in loaded if p.strip()]
         elif suffix == ".csv":
-            reader = csv.DictReader(text.splitlines())
-            if column not in (reader.fieldnames or []):
-                raise ConfigError(
-                    f"model.prompts.column: {source!r} has no column {column!r} "
-                    f"(its columns: {', '.join(reader.fieldnames or []) or 'none'})"
-                )
-            prompts = [row[column].strip() for row in reader if (row[column] or "").strip()]
+            prompts = _csv_prompts(text, source, column)
         else:
             raise ConfigError(f"{SOURCE_KEY}: {source!r} has an unknown extension; use .txt, .json or .csv")
     if not prompts:

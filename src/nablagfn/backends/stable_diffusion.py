@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -51,6 +52,39 @@ def load_noise_schedule(root: str, revision: str | None = None) -> NoiseSchedule
         rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
     )
     return NoiseSchedule(scheduler.alphas_cumprod.to(torch.float64))
+
+
+class _AdaptersAs:
+    """A context (re-enterable: a graph kept for two backward passes is recomputed twice) with each peft LoRA layer
+    enabled (True) or disabled as in ``states``; as before after it."""
+
+    def __init__(self, states: list[tuple[nn.Module, bool]]):
+        self.states = states
+        self.changed: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> None:
+        self.changed = [(layer, enabled) for layer, enabled in self.states if layer.disable_adapters == enabled]
+        for layer, enabled in self.changed:
+            layer.enable_adapters(enabled)
+
+    def __exit__(self, *exc) -> None:
+        for layer, enabled in self.changed:
+            layer.enable_adapters(not enabled)
+
+
+def checkpoint_with_adapter_state(block: nn.Module, *args):
+    """diffusers' per-block gradient checkpointing (non-reentrant), recomputed in the backward pass with each LoRA
+    layer of the block enabled or disabled as it was in the forward pass.
+
+    The finetuned and the pretrained ε are one UNet with its adapter switched on or off, and a loss backpropagates
+    through both after the switch is back (residual ∇-DB's look-ahead differentiates ε#): recomputing a block in
+    the adapter's current state would give other activations (torch raises ``CheckpointError``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    states = [(layer, not layer.disable_adapters) for layer in block.modules() if isinstance(layer, BaseTunerLayer)]
+    return torch.utils.checkpoint.checkpoint(
+        block.__call__, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _AdaptersAs(states))
+    )
 
 
 class FlowScoreUNet(nn.Module):
@@ -114,7 +148,7 @@ class StableDiffusionBackend(Backend):
         for parameter in self._trainable:
             parameter.data = parameter.data.float()
         if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            unet.enable_gradient_checkpointing(checkpoint_with_adapter_state)
             vae.enable_gradient_checkpointing()
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.schedule = schedule
@@ -133,11 +167,11 @@ class StableDiffusionBackend(Backend):
 
     @classmethod
     def from_config(cls, config) -> StableDiffusionBackend:
+        prompt_table = build_prompt_table(config.prompts)  # first: a bad prompt file fails in milliseconds
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         dtype = DTYPES[config.dtype]
-        prompt_table = build_prompt_table(config.prompts)
         hub = _is_hub_id(config.path)
         if hub:
             root, revision = config.path, config.revision  # each component fetches only the files it needs
@@ -145,9 +179,12 @@ class StableDiffusionBackend(Backend):
             root, revision = resolve_dir(config.path, "model.path", required=PIPELINE_ENTRIES), None
         try:
             schedule = load_noise_schedule(root, revision)
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", revision=revision, torch_dtype=dtype)
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", revision=revision, torch_dtype=dtype)
-            text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", revision=revision).to(dtype)
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", revision=revision, torch_dtype=dtype,
+                                                        use_safetensors=True)
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", revision=revision, torch_dtype=dtype,
+                                                use_safetensors=True)
+            text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", revision=revision,
+                                                         use_safetensors=True).to(dtype)
             tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", revision=revision)
         except OSError as error:  # missing files, offline, unknown hub repo or revision
             where = f"is not available locally and {offline_hint()}" if hub else "could not be read"

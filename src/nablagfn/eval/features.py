@@ -9,6 +9,7 @@ names that key and the fallback, ``eval.features=auto``.
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import warnings
 from abc import ABC, abstractmethod
@@ -144,8 +145,26 @@ def _load_dreamsim(path: str, device: str) -> nn.Module:
     return model.requires_grad_(False).eval()
 
 
+def _has_torch_fidelity() -> bool:
+    return importlib.util.find_spec("torch_fidelity") is not None
+
+
 def _load_inception(path: str) -> nn.Module:
     weights = resolve_file(path, KEY)
+    if not _has_torch_fidelity():
+        raise ConfigError(
+            "eval.features=inception needs torch-fidelity (No module named 'torch_fidelity'): "
+            "`pip install torch-fidelity` (it needs torchvision built for your torch)"
+        )
+    # torch-fidelity reads the file with a plain torch.load (a full unpickle before torch 2.6): first make sure it
+    # holds nothing but tensors and containers, which weights_only=True enforces
+    try:
+        torch.load(weights, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise ConfigError(
+            f"{KEY}: {str(weights)!r} is not a torch-saved state dict of tensors, as torch-fidelity's FID Inception "
+            f"weights (pt_inception-2015-12-05-6726825d.pth) are ({type(error).__name__})"
+        ) from None
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
 

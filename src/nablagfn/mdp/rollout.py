@@ -38,6 +38,9 @@ class Trajectories:
     def select(self, index: Tensor) -> Trajectories:
         return Trajectories(**{name: value[index] for name, value in self._tensors().items()})
 
+    def to(self, device: torch.device | str) -> Trajectories:
+        return Trajectories(**{name: value.to(device) for name, value in self._tensors().items()})
+
     def _tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
@@ -67,6 +70,9 @@ class EpochConditions:
 
     def select(self, index: Tensor) -> EpochConditions:
         return EpochConditions(self.cond[index])
+
+    def to(self, device: torch.device | str) -> EpochConditions:
+        return EpochConditions(self.cond.to(device))
 
     def to_dict(self, prefix: str = "") -> dict[str, Tensor]:
         return {prefix + "cond": self.cond.contiguous()}

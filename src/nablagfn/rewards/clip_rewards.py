@@ -32,11 +32,12 @@ Normalisation = tuple[tuple[float, ...], tuple[float, ...]]
 
 def _load_clip(source: str, key: str, required: tuple[str, ...] = ("config.json",)):
     """A frozen fp32 ``CLIPModel`` and the directory it came from."""
+    directory = resolve_dir(source, key, required, allow_patterns=MODEL_FILES)  # before the slow import
     from transformers import CLIPModel
 
-    directory = resolve_dir(source, key, required, allow_patterns=MODEL_FILES)
     try:
-        clip = CLIPModel.from_pretrained(directory, dtype=torch.float32)
+        # safetensors only: a directory holding only a pickled pytorch_model.bin is refused, not unpickled
+        clip = CLIPModel.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise ConfigError(f"{key}: could not load a CLIP model from {directory!r}: {error}") from None
     return clip.requires_grad_(False).eval(), directory

@@ -11,6 +11,7 @@ real images), and is used as log R. Images are preprocessed as open_clip's ViT-H
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -190,9 +191,13 @@ class HPSv2Reward(Reward):
         )
         try:
             model = clip_model_from_open_clip(load_open_clip_state_dict(path))
-        except (KeyError, ValueError) as error:
+        except (KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            # torch.load(weights_only=True) refuses pickled objects other than tensors and containers
+            # (pickle.UnpicklingError) and fails on truncated or foreign files (RuntimeError, EOFError)
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
             raise ConfigError(
-                f"reward.checkpoint: {str(path)!r} is not an HPS (open_clip ViT) checkpoint: {error}"
+                f"reward.checkpoint: {str(path)!r} is not an HPS (open_clip ViT) checkpoint "
+                f"({type(error).__name__}: {detail})"
             ) from None
         return cls(model, CLIPTokenizer.from_pretrained(tokenizer_dir))
 

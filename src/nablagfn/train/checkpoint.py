@@ -3,10 +3,12 @@
 Layout of ``RUN_DIR/checkpoints/update_000500/``:
   model.safetensors         the policy adapter (``policy.*``) and the method's networks (``method.*``)
   optimizers.safetensors    every optimiser's state tensors
-  state.safetensors         RNG state and the trajectories carried to the next epoch
+  shard_000.safetensors …   per data shard: its RNG state and the trajectories carried to the next epoch
   state.json                counters, optimiser hyper-parameters, epoch position
 A checkpoint directory is first written under a temporary name and then renamed,
-so a crash while saving leaves the previous checkpoints intact.
+so a crash while saving leaves the previous checkpoints intact. With several training processes, each writes its
+own shards into the staging directory and one process writes the rest and renames it (the directory must be on a
+file system that every process sees).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -56,46 +59,92 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("update_"))
 
 
-def save_checkpoint(
-    run_dir: Path,
+def staging_directory(run_dir: Path, update: int) -> Path:
+    """Where the checkpoint of ``update`` is written before it is renamed into place."""
+    return Path(run_dir) / "checkpoints" / f".tmp_update_{update:07d}"
+
+
+def start_checkpoint(run_dir: Path, update: int) -> Path:
+    """Create an empty staging directory for the checkpoint of ``update`` (by one process)."""
+    staging = staging_directory(run_dir, update)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def write_shard(staging: Path, index: int, tensors: dict[str, torch.Tensor]) -> None:
+    """The state of one data shard (its RNG state and the trajectories it carries to the next epoch)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / f"shard_{index:03d}.safetensors")
+
+
+def finish_checkpoint(
+    staging: Path,
     update: int,
     modules: dict[str, nn.Module | dict[str, torch.Tensor]],
     optimizers: dict[str, torch.optim.Optimizer],
-    tensors: dict[str, torch.Tensor],
     state: dict,
     keep: int,
 ) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"update_{update:07d}"
-    staging = root / f".tmp_update_{update:07d}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    """Write the networks, optimisers and counters into ``staging`` (after every shard), rename it into place and
+    keep the last ``keep`` checkpoints (by one process)."""
     model = {}
     for prefix, module in modules.items():
         items = module.state_dict() if isinstance(module, nn.Module) else module
-        model.update({f"{prefix}.{k}": v.detach().contiguous() for k, v in items.items()})
+        model.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in items.items()})
     save_file(model, staging / "model.safetensors")
     optimizer_tensors, optimizer_meta = {}, {}
     for name, optimizer in optimizers.items():
         t, meta = _optimizer_tensors(name, optimizer)
-        optimizer_tensors.update(t)
+        optimizer_tensors.update({k: v.cpu() for k, v in t.items()})
         optimizer_meta[name] = meta
     save_file(optimizer_tensors, staging / "optimizers.safetensors")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, staging / "state.safetensors")
     (staging / "state.json").write_text(json.dumps({**state, "optimizers": optimizer_meta}, indent=1))
+    final = staging.parent / f"update_{update:07d}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    for old in list_checkpoints(staging.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+#: what an unreadable checkpoint's error suggests
+_ELSEWHERE = ("move this checkpoint directory away to resume from the previous one, or pick another with "
+              "--checkpoint (sample, eval)")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file of a checkpoint; CheckpointError naming the file if it cannot be read."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:  # truncated, garbage, unreadable
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
+        raise CheckpointError(
+            f"checkpoint file {path} is unreadable ({type(error).__name__}: {detail}); {_ELSEWHERE}"
+        ) from None
+
+
+def _read_state_json(path: Path) -> dict:
+    """The counters of a checkpoint's state.json; CheckpointError naming the file if it cannot be read."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path.parent} has no {path.name} (incomplete or not a checkpoint)")
+    try:
+        state = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint file {path} is unreadable ({type(error).__name__}: {error}); "
+                              f"{_ELSEWHERE}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint file {path} holds a JSON {type(state).__name__}, not an object; {_ELSEWHERE}"
+        )
+    return state
+
+
 def load_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The policy adapter's and the method's tensors (``policy.*``, ``method.*``) of a checkpoint."""
     path = Path(checkpoint) / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {checkpoint} has no model.safetensors (incomplete or not a checkpoint)")
-    return load_file(path)
+    return _read_tensors(path)
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -103,11 +152,33 @@ def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}
 
 
-def load_training_state(checkpoint: Path, optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict, dict]:
-    """Restore the optimisers in place; return (state.json contents, state tensors)."""
+def load_training_state(checkpoint: Path, optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+    """Restore the optimisers in place; return the contents of state.json."""
     checkpoint = Path(checkpoint)
-    state = json.loads((checkpoint / "state.json").read_text())
-    optimizer_tensors = load_file(checkpoint / "optimizers.safetensors")
+    state_path, tensors_path = checkpoint / "state.json", checkpoint / "optimizers.safetensors"
+    state = _read_state_json(state_path)
+    if not tensors_path.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} has no {tensors_path.name} (incomplete or not a checkpoint)")
+    optimizer_tensors = _read_tensors(tensors_path)
     for name, optimizer in optimizers.items():
-        _restore_optimizer(name, optimizer, optimizer_tensors, state["optimizers"][name])
-    return state, load_file(checkpoint / "state.safetensors")
+        meta = state.get("optimizers")
+        if not isinstance(meta, dict) or name not in meta:
+            raise CheckpointError(f"checkpoint file {state_path} has no optimiser state for {name!r} "
+                                  "(written by another method or version?)")
+        try:
+            _restore_optimizer(name, optimizer, optimizer_tensors, meta[name])
+        except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as error:
+            raise CheckpointError(
+                f"checkpoint {checkpoint}: the {name!r} optimiser state in {tensors_path.name} and {state_path.name} "
+                f"does not fit this run ({type(error).__name__}: {error})"
+            ) from None
+    return state
+
+
+def load_shard(checkpoint: Path, index: int) -> dict[str, torch.Tensor]:
+    """The state of data shard ``index`` (see ``write_shard``)."""
+    path = Path(checkpoint) / f"shard_{index:03d}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} has no {path.name}: it was written with fewer data shards "
+                              "(train.data_shards) than this run has, or is incomplete")
+    return _read_tensors(path)

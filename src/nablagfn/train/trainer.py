@@ -4,7 +4,13 @@ Each epoch samples ``trajectories_per_epoch`` trajectories with the current
 policy and trains on the previous epoch's batch (or on this one, ``on_policy``),
 in shuffled minibatches of ``batch_size`` trajectories, ``accumulation``
 minibatches per optimiser update. Each trajectory contributes its own draw of
-subsampled transitions. All randomness comes from one seeded generator, whose
+subsampled transitions.
+
+Each epoch is made of ``train.data_shards`` shards, shard k sampled from its own
+seeded generator, and each minibatch takes the same number of trajectories from
+every shard. The shards are spread over the training processes (one, or several
+under ``accelerate launch``), whose gradients are averaged, so a run gives the
+same result on any number of processes that divides the shards. Every generator
 state is checkpointed, so a resumed run continues exactly where it stopped.
 """
 
@@ -12,33 +18,99 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, dump_config
+from ..config import ConfigError, RunConfig, dump_config
+from ..errors import NonFiniteLossError
 from ..mdp.rollout import EpochConditions, Trajectories
-from .checkpoint import CheckpointError, list_checkpoints, load_model_tensors, load_training_state, save_checkpoint, split_prefix
+from .checkpoint import (
+    CheckpointError,
+    finish_checkpoint,
+    list_checkpoints,
+    load_model_tensors,
+    load_shard,
+    load_training_state,
+    split_prefix,
+    staging_directory,
+    start_checkpoint,
+    write_shard,
+)
+from .distributed import Processes
 from .run import Run
+from .trackers import Trackers
+
+EpochData = Trajectories | EpochConditions
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+@dataclass
+class Shard:
+    """One shard of every epoch, with its own generator (``train.seed + index·2³²``; shard 0: ``train.seed``),
+    which draws its conditions, rollouts, minibatch order and the losses' random choices."""
+
+    index: int
+    generator: torch.Generator
+    previous: EpochData | None = None  # D_prev of Algorithm 1
+    sampled: EpochData | None = None  # D_curr, carried to the next epoch
+    data: EpochData | None = None  # what this epoch trains on
+    order: torch.Tensor | None = None
+
+    @classmethod
+    def new(cls, index: int, seed: int) -> "Shard":
+        return cls(index, torch.Generator().manual_seed(seed + index * 2**32))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"rng": self.generator.get_state()}
+        # this epoch's training data is ``previous`` (off-policy) or ``sampled`` (on-policy): not saved twice
+        for prefix, data in (("previous.", self.previous), ("epoch_sampled.", self.sampled)):
+            if data is not None:
+                tensors.update(data.to_dict(prefix))
+        if self.order is not None:
+            tensors["epoch_order"] = self.order
+        return tensors
+
+    def restore(self, tensors: dict[str, torch.Tensor], on_policy: bool, device: str) -> None:
+        def restored(prefix: str) -> EpochData | None:
+            if prefix + "states" in tensors:
+                data = Trajectories.from_dict(tensors, prefix)
+            elif prefix + "cond" in tensors:
+                data = EpochConditions.from_dict(tensors, prefix)
+            else:
+                return None
+            return data.to(device)
+
+        self.generator.set_state(tensors["rng"])
+        self.previous, self.sampled = restored("previous."), restored("epoch_sampled.")
+        self.data = None if self.sampled is None else (self.sampled if on_policy else self.previous)
+        self.order = tensors.get("epoch_order")
 
 
 class Trainer:
     MAX_NONFINITE_IN_A_ROW = 10
 
     def __init__(self, config: RunConfig, run_dir: str | Path, progress: bool = True):
-        self.config = config
+        self.processes = Processes(config.train.device)
+        train = config.train
+        shards = train.data_shards or self.processes.world_size
+        if shards % self.processes.world_size or train.batch_size % shards:
+            raise ConfigError(
+                f"train.data_shards ({shards}) must be a multiple of the number of processes "
+                f"({self.processes.world_size}) and divide train.batch_size ({train.batch_size})"
+            )
+        self.config = config.model_copy(update={"train": train.model_copy(update={"data_shards": shards})})
         self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.progress = progress and self.processes.is_main
         self.progress_desc = "train"  # the progress bar's label, and its line (None: tqdm's choice)
         self.progress_position: int | None = None
-        self.run = Run.build(config)
-        train = config.train
+        run_config = self.config.model_copy(deep=True)
+        run_config.train.device = self.processes.device
+        self.run = Run.build(run_config)
         self.parameter_groups = self.run.method.parameter_groups()
         optimizer_settings = {"policy": train.policy_optimizer, "flow": train.flow_optimizer}
         self.optimizers = {
@@ -48,18 +120,26 @@ class Trainer:
             )
             for name, params in self.parameter_groups.items()
         }
-        self.generator = torch.Generator().manual_seed(train.seed)
+        per_process = shards // self.processes.world_size
+        first = self.processes.rank * per_process
+        self.shards = [Shard.new(index, train.seed) for index in range(first, first + per_process)]
         self.update = 0
         self.epoch = 0
-        self.previous: Trajectories | EpochConditions | None = None  # D_prev of Algorithm 1
-        self.epoch_data: Trajectories | EpochConditions | None = None  # what this epoch trains on
-        self.epoch_sampled: Trajectories | EpochConditions | None = None  # D_curr, carried to the next epoch
-        self.epoch_order: torch.Tensor | None = None
-        self.epoch_position = 0
+        self.epoch_position = 0  # trajectories of each shard's epoch order used so far
         self.nonfinite_in_a_row = 0
         self.elapsed = 0.0  # training wall time in seconds, across resumes
         self._pending_sample_metrics: dict[str, float] = {}  # reward of the latest sampled epoch, for the log
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.trackers = Trackers(self.config, self.run_dir) if self.processes.is_main else None
+
+    @property
+    def shard_batch_size(self) -> int:
+        """Trajectories each shard contributes to one gradient computation."""
+        return self.config.train.batch_size // self.config.train.data_shards
+
+    @property
+    def in_epoch(self) -> bool:
+        return self.shards[0].data is not None
 
     # -- state -----------------------------------------------------------------
     def lr_factor(self, update: int) -> float:
@@ -76,105 +156,149 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = settings[name].lr * factor
 
+    def _together(self, action: Callable[[], object], what: str, cleanup: Callable[[], None]) -> None:
+        """Run ``action`` here and agree with every process on the outcome: a failure anywhere runs ``cleanup`` and
+        raises everywhere (so no process waits forever for one that failed)."""
+        error: BaseException | None = None
+        try:
+            action()
+        except Exception as exc:  # re-raised below, after every process has learned of it
+            error = exc
+        if not self.processes.all_true(error is None):
+            cleanup()
+            if error is not None:
+                raise error
+            raise CheckpointError(f"another training process failed while {what}; see its error")
+
     def save(self) -> Path:
-        tensors = {"rng": self.generator.get_state()}
-        # this epoch's training data is ``previous`` (off-policy) or ``epoch_sampled`` (on-policy): not saved twice
-        for prefix, data in (("previous.", self.previous), ("epoch_sampled.", self.epoch_sampled)):
-            if data is not None:
-                tensors.update(data.to_dict(prefix))
-        if self.epoch_order is not None:
-            tensors["epoch_order"] = self.epoch_order
+        """Write a checkpoint (every process takes part: each writes its shards, the main one the rest)."""
+        staging = staging_directory(self.run_dir, self.update)
+        main = self.processes.is_main
         state = {
             "update": self.update, "epoch": self.epoch, "epoch_position": self.epoch_position,
             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_metrics": self._pending_sample_metrics,
             "elapsed": self.elapsed,
         }
-        return save_checkpoint(
-            self.run_dir, self.update,
-            {"policy": self.run.backend.adapter_state_dict(), "method": self.run.method.networks},
-            self.optimizers, tensors, state, self.config.train.keep_checkpoints,
+        what = "writing a checkpoint"
+
+        def remove_staging() -> None:  # the previous checkpoints stay as they were
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        self._together(lambda: start_checkpoint(self.run_dir, self.update) if main else None, what, remove_staging)
+        self._together(lambda: [write_shard(staging, s.index, s.state_tensors()) for s in self.shards], what,
+                       remove_staging)
+        modules = {"policy": self.run.backend.adapter_state_dict(), "method": self.run.method.networks}
+        self._together(
+            lambda: finish_checkpoint(staging, self.update, modules, self.optimizers, state,
+                                      self.config.train.keep_checkpoints) if main else None,
+            what, remove_staging,
         )
+        return self.run_dir / "checkpoints" / staging.name.removeprefix(".tmp_")
 
     def load(self, checkpoint: Path) -> None:
         load_weights(self.run, checkpoint)
-        state, tensors = load_training_state(checkpoint, self.optimizers)
-        self.generator.set_state(tensors["rng"])
-        self.update, self.epoch = state["update"], state["epoch"]
-        self.epoch_position, self.nonfinite_in_a_row = state["epoch_position"], state["nonfinite_in_a_row"]
-
-        def restore(prefix: str) -> Trajectories | EpochConditions | None:
-            if prefix + "states" in tensors:
-                return Trajectories.from_dict(tensors, prefix)
-            return EpochConditions.from_dict(tensors, prefix) if prefix + "cond" in tensors else None
-
-        self.previous = restore("previous.")
-        self.epoch_sampled = restore("epoch_sampled.")
-        if self.epoch_sampled is not None:
-            self.epoch_data = self.epoch_sampled if self.config.train.on_policy else self.previous
-        self.epoch_order = tensors.get("epoch_order")
-        self._pending_sample_metrics, self.elapsed = state["sample_metrics"], state["elapsed"]
-        self._truncate_metrics()
+        state = load_training_state(checkpoint, self.optimizers)
+        try:
+            self.update, self.epoch = state["update"], state["epoch"]
+            self.epoch_position, self.nonfinite_in_a_row = state["epoch_position"], state["nonfinite_in_a_row"]
+            self._pending_sample_metrics, self.elapsed = state["sample_metrics"], state["elapsed"]
+        except KeyError as missing:
+            raise CheckpointError(f"checkpoint {checkpoint}: state.json lacks {missing}") from None
+        for shard in self.shards:
+            shard.restore(load_shard(checkpoint, shard.index), self.config.train.on_policy, self.run.backend.device)
+        if self.processes.is_main:
+            self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
         """Drop records logged after the checkpoint, so a resumed run has no duplicated steps."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["update"] <= self.update]
+        kept = [line for line in self.metrics_path.read_text().splitlines() if _update_of(line) <= self.update]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict) -> None:
+        """Append a record to metrics.jsonl and the trackers (main process)."""
+        if not self.processes.is_main:
+            return
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.trackers.log(record)
+
+    def _evaluate(self) -> dict[str, float] | None:
+        """The run's evaluation, on the main process (the others wait); None elsewhere."""
+        evaluation = self.run.evaluate(self.config.train.eval_samples) if self.processes.is_main else None
+        self.processes.barrier()
+        return evaluation
 
     # -- the loop ----------------------------------------------------------------
-    def _sample_epoch(self) -> Trajectories | EpochConditions:
+    def _sample_epoch(self, shard: Shard) -> EpochData:
         run = self.run
-        cond = run.backend.sample_conditions(self.config.train.trajectories_per_epoch, self.generator)
+        size = self.config.train.trajectories_per_epoch // self.config.train.data_shards
+        cond = run.backend.sample_conditions(size, shard.generator)
         if run.method.draws_own_chains:
             return EpochConditions(cond)
-        return run.rollout(cond, self.generator)
+        return run.rollout(cond, shard.generator)
 
     def _start_epoch(self) -> None:
-        if self.previous is None and not self.config.train.on_policy:
-            self.previous = self._sample_epoch()  # Algorithm 1, line 3
-        self.epoch_sampled = self._sample_epoch()
-        self.epoch_data = self.epoch_sampled if self.config.train.on_policy else self.previous
-        self.epoch_order = torch.randperm(len(self.epoch_data), generator=self.generator)
+        on_policy = self.config.train.on_policy
+        rewards = []
+        for shard in self.shards:
+            if shard.previous is None and not on_policy:
+                shard.previous = self._sample_epoch(shard)  # Algorithm 1, line 3
+            shard.sampled = self._sample_epoch(shard)
+            shard.data = shard.sampled if on_policy else shard.previous
+            shard.order = torch.randperm(len(shard.data), generator=shard.generator)
+            if shard.sampled.log_reward is not None:
+                rewards.append(shard.sampled.log_reward.mean().item())
         self.epoch_position = 0
         self._pending_sample_metrics = {}
-        if self.epoch_sampled.log_reward is not None:
-            self._pending_sample_metrics["sample/log_reward_mean"] = self.epoch_sampled.log_reward.mean().item()
+        if rewards:  # every shard has as many trajectories: the mean of shard means is the epoch's mean
+            local = {"sample/log_reward_mean": sum(rewards) / len(rewards)}
+            self._pending_sample_metrics = self.processes.mean(local)
 
     def _end_epoch(self) -> None:
-        self.previous = self.epoch_sampled
-        self.epoch_data = self.epoch_sampled = self.epoch_order = None
+        for shard in self.shards:
+            shard.previous = shard.sampled
+            shard.data = shard.sampled = shard.order = None
         self.epoch += 1
 
     def _one_update(self) -> dict[str, float]:
+        """One optimiser step on ``accumulation`` minibatches; each takes ``shard_batch_size`` trajectories from
+        every shard, and the gradient is the mean over shards and minibatches (over processes: an all-reduce)."""
         train, method = self.config.train, self.run.method
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         loss_value = 0.0
+        parts = train.accumulation * len(self.shards)
+        method.set_progress(self.update, train.updates)
         for _ in range(train.accumulation):
-            index = self.epoch_order[self.epoch_position : self.epoch_position + train.batch_size]
-            self.epoch_position += train.batch_size
-            method.set_progress(self.update, train.updates)
-            loss, metrics = method.trajectory_loss(self.epoch_data.select(index), self.generator)
-            (loss / train.accumulation).backward()
-            loss_value += loss.item() / train.accumulation
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / train.accumulation
+            window = slice(self.epoch_position, self.epoch_position + self.shard_batch_size)
+            self.epoch_position += self.shard_batch_size
+            for shard in self.shards:
+                loss, metrics = method.trajectory_loss(shard.data.select(shard.order[window]), shard.generator)
+                (loss / parts).backward()
+                loss_value += loss.item() / parts
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value / parts
+        self.processes.mean_gradients(p for params in self.parameter_groups.values() for p in params)
+        totals = self.processes.mean({"loss": loss_value, **totals})
+        loss_value = totals.pop("loss")
         gradients_finite = all(
             p.grad is None or torch.isfinite(p.grad).all() for params in self.parameter_groups.values() for p in params
         )
-        if not (math.isfinite(loss_value) and gradients_finite):
+        if not (math.isfinite(loss_value) and gradients_finite):  # the same verdict on every process
             self.nonfinite_in_a_row += 1
             if self.nonfinite_in_a_row >= self.MAX_NONFINITE_IN_A_ROW:
+                checkpoints = list_checkpoints(self.run_dir)
+                then = (f"the last good checkpoint is {checkpoints[-1]}; lower the learning rate or check the reward, "
+                        f"then resume with `nablagfn train --resume {self.run_dir}`" if checkpoints else
+                        "no checkpoint was written yet; lower the learning rate or check the reward and start again")
                 raise NonFiniteLossError(
-                    f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient; stopping. "
-                    f"The last good checkpoint is in {self.run_dir / 'checkpoints'}"
+                    f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (a NaN or inf in "
+                    f"the rewards, the loss or the gradients; each was skipped); stopping at update {self.update}: "
+                    f"{then}"
                 )
             return {"loss": loss_value, "skipped_nonfinite": 1.0}
         self.nonfinite_in_a_row = 0
@@ -188,29 +312,37 @@ class Trainer:
             optimizer.step()
         return {"loss": loss_value, **totals}
 
-    def train(self, resume: bool = False) -> dict[str, float]:
-        """Run to ``train.updates`` optimiser updates; returns the final evaluation metrics."""
+    def train(self, resume: bool = False) -> dict[str, float] | None:
+        """Run to ``train.updates`` optimiser updates; returns the final evaluation metrics (None on every process
+        but the main one)."""
         train = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.processes.is_main
         if resume:
             checkpoints = list_checkpoints(self.run_dir)
             if not checkpoints:
                 raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}")
             self.load(checkpoints[-1])
-        else:
+        elif main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(self.config))
             self.metrics_path.write_text("")
-            self._log({"update": 0, **{f"eval/{k}": v for k, v in self.run.evaluate(train.eval_samples).items()}})
+        self.processes.barrier()
+        if main:
+            self.trackers.start(resume, self.update)
+        if not resume:
+            evaluation = self._evaluate()
+            if main:
+                self._log({"update": 0, **{f"eval/{k}": v for k, v in evaluation.items()}})
         bar = tqdm(total=train.updates, initial=self.update, desc=self.progress_desc, disable=not self.progress,
                    unit="upd", mininterval=1.0, position=self.progress_position)
         started = time.perf_counter() - self.elapsed  # wall time accumulates across resumes
-        evaluation: dict[str, float] | None = None
+        evaluation = None
         while self.update < train.updates:
-            if self.epoch_data is None:
+            if not self.in_epoch:
                 self._start_epoch()
             metrics = self._one_update()
             self.update += 1
-            if self.epoch_position >= len(self.epoch_data):
+            if self.epoch_position >= len(self.shards[0].data):
                 self._end_epoch()
             bar.update(1)
             self.elapsed = time.perf_counter() - started
@@ -221,24 +353,40 @@ class Trainer:
                 self._log(record)
                 bar.set_postfix(loss=f"{metrics['loss']:.3g}")
             if self.update % train.eval_every == 0 or self.update == train.updates:
-                evaluation = self.run.evaluate(train.eval_samples)
-                self._log({"update": self.update, **{f"eval/{k}": v for k, v in evaluation.items()}})
-                if "mode_tv" in evaluation:
-                    bar.set_postfix(loss=f"{metrics['loss']:.3g}", tv=f"{evaluation['mode_tv']:.3f}")
+                evaluation = self._evaluate()
+                if main:
+                    self._log({"update": self.update, **{f"eval/{k}": v for k, v in evaluation.items()}})
+                    self.trackers.log_samples(self.run, self.update)
+                    if "mode_tv" in evaluation:
+                        bar.set_postfix(loss=f"{metrics['loss']:.3g}", tv=f"{evaluation['mode_tv']:.3f}")
             if self.update % train.checkpoint_every == 0 or self.update == train.updates:
                 self.save()
         bar.close()
-        return evaluation if evaluation is not None else self.run.evaluate(train.eval_samples)
+        if evaluation is None:  # resumed a finished run
+            evaluation = self._evaluate()
+        if main:
+            self.trackers.finish()
+        return evaluation
+
+
+def _update_of(line: str) -> float:
+    """The update of a metrics.jsonl record; infinite for a blank line or one cut short by a crash (dropped)."""
+    try:
+        return json.loads(line)["update"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def load_weights(run: Run, checkpoint: Path) -> None:
     """Load the policy adapter and the method's networks from a checkpoint into ``run``."""
     tensors = load_model_tensors(checkpoint)
-    missing, unexpected = run.backend.load_state_dict(split_prefix(tensors, "policy"), strict=False)
-    adapter_names = set(run.backend.adapter_state_dict())
-    if unexpected or adapter_names & set(missing):
-        raise CheckpointError(
-            f"checkpoint {checkpoint} does not match this model "
-            f"(missing {sorted(adapter_names & set(missing))}, unexpected {unexpected})"
-        )
-    run.method.networks.load_state_dict(split_prefix(tensors, "method"))
+    try:
+        missing, unexpected = run.backend.load_state_dict(split_prefix(tensors, "policy"), strict=False)
+        adapter_names = set(run.backend.adapter_state_dict())
+        if unexpected or adapter_names & set(missing):
+            raise CheckpointError(f"missing {sorted(adapter_names & set(missing))}, unexpected {unexpected}")
+        run.method.networks.load_state_dict(split_prefix(tensors, "method"))
+    except (RuntimeError, CheckpointError) as error:  # torch reports shape and key mismatches as RuntimeError
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
+        more = f"; and {len(details) - 1} more" if len(details) > 1 else ""
+        raise CheckpointError(f"checkpoint {checkpoint} does not match this model ({details[0]}{more})") from None

@@ -1,0 +1,91 @@
+"""Experiment trackers (TensorBoard, Weights & Biases) through accelerate's tracker classes, on the main process.
+
+``metrics.jsonl`` is always written; the trackers get the same records, and a grid of evaluation samples at each
+evaluation. TensorBoard writes under ``RUN_DIR/tensorboard/``; a resumed run drops the events logged after its
+checkpoint (``purge_step``), as ``metrics.jsonl`` does. W&B resumes the same run (its id is kept in
+``RUN_DIR/wandb_id.txt``) and works offline with ``WANDB_MODE=offline``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from .run import Run
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+SAMPLE_GRID = 16  # images logged at each evaluation
+SAMPLE_SEED = 1234  # the evaluation's sampling seed: the grid shows the same noise every time
+
+
+class Trackers:
+    def __init__(self, config: RunConfig, run_dir: Path):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.trackers: list = []
+        for name in config.train.trackers:
+            if importlib.util.find_spec(PACKAGES[name]) is None:
+                raise ConfigError(
+                    f"train.trackers includes {name!r} but the {PACKAGES[name]} package is not installed "
+                    f"(pip install {PACKAGES[name]}, or pip install -e '.[trackers]')"
+                )
+
+    def start(self, resume: bool, update: int = 0) -> None:
+        """Open the configured trackers; on resume, continue the same runs from ``update``."""
+        from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+        hyperparameters = _flatten(json.loads(self.config.model_dump_json()))
+        for name in self.config.train.trackers:
+            if name == "tensorboard":
+                tracker = TensorBoardTracker("tensorboard", self.run_dir, purge_step=update + 1 if resume else None)
+            else:
+                id_file = self.run_dir / "wandb_id.txt"
+                if not id_file.is_file():
+                    id_file.write_text(uuid.uuid4().hex[:16])
+                tracker = WandBTracker(self.config.train.project, name=self.run_dir.name, dir=str(self.run_dir),
+                                       id=id_file.read_text().strip(), resume="allow")
+            tracker.start()
+            if not resume:
+                tracker.store_init_configuration(hyperparameters)
+            self.trackers.append(tracker)
+
+    def log(self, record: dict) -> None:
+        values = {key: value for key, value in record.items() if key != "update"}
+        for tracker in self.trackers:
+            tracker.log(values, step=record["update"])
+
+    def log_samples(self, run: Run, update: int) -> None:
+        """A grid of the finetuned model's samples at this evaluation (image models only)."""
+        if not self.trackers or len(run.backend.sample_shape) == 1:
+            return
+        images = run.decode(run.sample(SAMPLE_GRID, seed=SAMPLE_SEED)).clamp(0, 1).float().cpu()
+        for tracker in self.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": images}, step=update, dataformats="NCHW")
+            else:
+                tracker.log_images({"samples": [image.permute(1, 2, 0).numpy() for image in images]}, step=update)
+
+    def finish(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested config → flat ``a.b.c`` keys with scalar values (lists and None as text), as the trackers expect."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)) or value is None:
+            flat[prefix + key] = json.dumps(value)
+        else:
+            flat[prefix + key] = value
+    return flat
+
