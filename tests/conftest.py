@@ -28,6 +28,13 @@ SMALL_RUN = (
     "train.batch_size=16",
     "train.eval_samples=100",
 )
+# … with 2 updates per epoch (minibatches of 8, 2 per update) and every update logged: resume, faults, processes
+TWO_UPDATES_PER_EPOCH = (
+    *(item for item in SMALL_RUN if not item.startswith("train.batch_size")),
+    "train.batch_size=8",
+    "train.accumulation=2",
+    "train.log_every=1",
+)
 
 
 @pytest.fixture

@@ -15,13 +15,10 @@ from safetensors.torch import load_file
 
 from nablagfn.config import ConfigError, load_config
 from nablagfn.train.trainer import Trainer
+from conftest import TWO_UPDATES_PER_EPOCH
 
-SMALL = [
-    "model.kind=gmm", "sampler.steps=10", "model.hidden=32", "model.layers=2",
-    "train.trajectories_per_epoch=32", "train.batch_size=8", "train.accumulation=2",  # 2 updates per epoch
-    "train.updates=6", "train.eval_every=3", "train.eval_samples=100", "train.log_every=1",
-    "train.checkpoint_every=4", "train.data_shards=2",
-]
+SMALL = [*TWO_UPDATES_PER_EPOCH, "train.updates=6", "train.eval_every=3", "train.checkpoint_every=4",
+         "train.data_shards=2"]
 # Gradients are averaged in one all-reduce instead of summed in one process, so the two may differ by rounding;
 # on this CPU they agree bitwise, and the test allows float32 rounding.
 TOLERANCE = 1e-6

@@ -24,25 +24,14 @@ import nablagfn.train.checkpoint as checkpoint_module
 from nablagfn.backends.prompts import read_prompts
 from nablagfn.cli import main
 from nablagfn.config import load_config
-from nablagfn.errors import CheckpointError, ConfigError
+from nablagfn.errors import CheckpointError, ConfigError, NonFiniteLossError
 from nablagfn.rewards import build_reward
 from nablagfn.rewards.vector import GaussianReward
 from nablagfn.train.checkpoint import list_checkpoints, load_model_tensors
-from nablagfn.errors import NonFiniteLossError
 from nablagfn.train.trainer import Trainer
+from conftest import TWO_UPDATES_PER_EPOCH
 
-SMALL = [
-    "model.kind=gmm",
-    "sampler.steps=10",
-    "model.hidden=32",
-    "model.layers=2",
-    "train.trajectories_per_epoch=32",
-    "train.batch_size=8",
-    "train.accumulation=2",  # 2 updates per epoch
-    "train.eval_every=1000",
-    "train.eval_samples=100",
-    "train.log_every=1",
-]
+SMALL = [*TWO_UPDATES_PER_EPOCH, "train.eval_every=1000"]
 
 
 def records(run_dir: Path) -> list[dict]:

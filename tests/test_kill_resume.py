@@ -23,24 +23,17 @@ from safetensors.torch import load_file
 
 from nablagfn.config import load_config
 from nablagfn.train.trainer import Trainer
+from conftest import TWO_UPDATES_PER_EPOCH
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")]
 
 UPDATES = 40
 CHECKPOINT_EVERY = 3
-CONFIG = [
-    "model.kind=gmm",
-    "sampler.steps=10",
-    "model.hidden=32",
-    "model.layers=2",
-    "train.trajectories_per_epoch=32",
-    "train.batch_size=8",
-    "train.accumulation=2",  # 2 updates per epoch: checkpoints every 3 updates fall mid-epoch and at epoch ends
+CONFIG = [  # 2 updates per epoch: checkpoints every 3 updates fall mid-epoch and at epoch ends
+    *TWO_UPDATES_PER_EPOCH,
     f"train.updates={UPDATES}",
     f"train.checkpoint_every={CHECKPOINT_EVERY}",
-    "train.log_every=1",
     "train.eval_every=1000",
-    "train.eval_samples=100",
 ]
 #: deterministic functions of the training state in each training record (not wall time)
 COMPARED_PREFIXES = ("loss", "grad_norm/", "lr/", "skipped_nonfinite", "sample/")

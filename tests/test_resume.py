@@ -10,20 +10,9 @@ import torch
 from nablagfn.config import load_config
 from nablagfn.train.checkpoint import list_checkpoints
 from nablagfn.train.trainer import Trainer
+from conftest import TWO_UPDATES_PER_EPOCH
 
-BASE = [
-    "model.kind=gmm",
-    "sampler.steps=10",
-    "model.hidden=32",
-    "model.layers=2",
-    "train.trajectories_per_epoch=32",
-    "train.batch_size=8",
-    "train.accumulation=2",  # 2 updates per epoch
-    "train.updates=6",
-    "train.eval_every=100",
-    "train.eval_samples=100",
-    "train.log_every=1",
-]
+BASE = [*TWO_UPDATES_PER_EPOCH, "train.updates=6", "train.eval_every=100"]
 
 
 class Interrupted(Exception):
