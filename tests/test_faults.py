@@ -341,8 +341,7 @@ def test_nan_reward_skips_the_update_without_touching_the_weights(tmp_path, monk
 
 
 def test_nan_every_time_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
-    monkeypatch.setattr(Trainer, "MAX_NONFINITE_IN_A_ROW", 3)
-    config = load_config(None, [*SMALL, "train.updates=12", "train.checkpoint_every=3"])
+    config = load_config(None, [*SMALL, "train.updates=12", "train.checkpoint_every=3", "train.max_nonfinite_updates=3"])
     trainer = Trainer(config, tmp_path, progress=False)
     poison_reward(monkeypatch, lambda: trainer.update >= 3)  # from update 4 on
     with pytest.raises(NonFiniteLossError) as error:
@@ -362,10 +361,10 @@ def test_nan_every_time_stops_with_the_last_good_checkpoint_intact(tmp_path, mon
 
 
 def test_nan_every_time_on_the_command_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(Trainer, "MAX_NONFINITE_IN_A_ROW", 2)
     poison_reward(monkeypatch, lambda: True)
     run_dir = tmp_path / "run"
-    assert main(["train", "--out", str(run_dir), "--no-progress", *SMALL, "train.updates=4"]) == 2
+    assert main(["train", "--out", str(run_dir), "--no-progress", *SMALL, "train.updates=4",
+                 "train.max_nonfinite_updates=2"]) == 2
     assert_one_line_error(capsys.readouterr().err, "2 updates in a row", "no checkpoint was written yet")
 
 

@@ -529,6 +529,10 @@ class TrainConfig(_Strict):
         "is always written; wandb honours WANDB_MODE=offline"
     )
     project: str = Field("nablagfn", min_length=1, description="the trackers' project name")
+    max_nonfinite_updates: int = Field(
+        10, ge=1, description="updates in a row with a NaN or inf in the rewards, loss or gradients (each skipped, "
+        "the weights untouched) after which the run stops"
+    )
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":

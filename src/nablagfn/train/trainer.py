@@ -92,8 +92,6 @@ class Shard:
 
 
 class Trainer:
-    MAX_NONFINITE_IN_A_ROW = 10
-
     def __init__(self, config: RunConfig, run_dir: str | Path, progress: bool = True):
         self.processes = Processes(config.train.device)
         train = config.train
@@ -290,7 +288,7 @@ class Trainer:
         )
         if not (math.isfinite(loss_value) and gradients_finite):  # the same verdict on every process
             self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= self.MAX_NONFINITE_IN_A_ROW:
+            if self.nonfinite_in_a_row >= train.max_nonfinite_updates:
                 checkpoints = list_checkpoints(self.run_dir)
                 then = (f"the last good checkpoint is {checkpoints[-1]}; lower the learning rate or check the reward, "
                         f"then resume with `nablagfn train --resume {self.run_dir}`" if checkpoints else
