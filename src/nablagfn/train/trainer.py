@@ -154,7 +154,7 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = settings[name].lr * factor
 
-    def _together(self, action: Callable[[], object], what: str, cleanup: Callable[[], None]) -> None:
+    def _together(self, action: Callable[[], object], cleanup: Callable[[], None]) -> None:
         """Run ``action`` here and agree with every process on the outcome: a failure anywhere runs ``cleanup`` and
         raises everywhere (so no process waits forever for one that failed)."""
         error: BaseException | None = None
@@ -166,10 +166,11 @@ class Trainer:
             cleanup()
             if error is not None:
                 raise error
-            raise CheckpointError(f"another training process failed while {what}; see its error")
+            raise CheckpointError("another training process failed while writing a checkpoint; see its error")
 
     def save(self) -> Path:
-        """Write a checkpoint (every process takes part: each writes its shards, the main one the rest)."""
+        """Write a checkpoint; every process takes part in each step: the main one creates the staging directory,
+        each writes its shards, the main one writes the rest and renames it into place."""
         staging = staging_directory(self.run_dir, self.update)
         main = self.processes.is_main
         state = {
@@ -177,21 +178,19 @@ class Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_metrics": self._pending_sample_metrics,
             "elapsed": self.elapsed,
         }
-        what = "writing a checkpoint"
+        modules = {"policy": self.run.backend.adapter_state_dict(), "method": self.run.method.networks}
+        keep = self.config.train.keep_checkpoints
 
         def remove_staging() -> None:  # the previous checkpoints stay as they were
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
 
-        self._together(lambda: start_checkpoint(self.run_dir, self.update) if main else None, what, remove_staging)
-        self._together(lambda: [write_shard(staging, s.index, s.state_tensors()) for s in self.shards], what,
-                       remove_staging)
-        modules = {"policy": self.run.backend.adapter_state_dict(), "method": self.run.method.networks}
-        self._together(
-            lambda: finish_checkpoint(staging, self.update, modules, self.optimizers, state,
-                                      self.config.train.keep_checkpoints) if main else None,
-            what, remove_staging,
-        )
+        for step in (
+            lambda: start_checkpoint(self.run_dir, self.update) if main else None,
+            lambda: [write_shard(staging, shard.index, shard.state_tensors()) for shard in self.shards],
+            lambda: finish_checkpoint(staging, self.update, modules, self.optimizers, state, keep) if main else None,
+        ):
+            self._together(step, remove_staging)
         return self.run_dir / "checkpoints" / staging.name.removeprefix(".tmp_")
 
     def load(self, checkpoint: Path) -> None:
