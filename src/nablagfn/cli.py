@@ -59,7 +59,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if (run_dir / "checkpoints").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     trainer = Trainer(config, run_dir, progress=not args.no_progress)
+    processes = trainer.processes
+    if not processes.is_main:  # one process writes the run directory and prints
+        trainer.train(resume=bool(args.resume))
+        return 0
     print(f"run directory: {run_dir}")
+    if processes.world_size > 1:
+        print(f"training processes: {processes.world_size}, data shards: {trainer.config.train.data_shards}")
     metrics = trainer.train(resume=bool(args.resume))
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
     _write_run_figures(trainer.run, run_dir)

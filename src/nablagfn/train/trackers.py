@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, flatten
 
 if TYPE_CHECKING:
     from .run import Run
@@ -40,7 +40,9 @@ class Trackers:
         """Open the configured trackers; on resume, continue the same runs from ``update``."""
         from accelerate.tracking import TensorBoardTracker, WandBTracker
 
-        hyperparameters = _flatten(json.loads(self.config.model_dump_json()))
+        # trackers take scalars: a list or None goes as its JSON text
+        hyperparameters = {key: json.dumps(value) if isinstance(value, list) or value is None else value
+                           for key, value in flatten(json.loads(self.config.model_dump_json())).items()}
         for name in self.config.train.trackers:
             if name == "tensorboard":
                 tracker = TensorBoardTracker("tensorboard", self.run_dir, purge_step=update + 1 if resume else None)
@@ -75,17 +77,4 @@ class Trackers:
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
-
-
-def _flatten(values: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
-    """Nested config → flat ``a.b.c`` keys with scalar values (lists and None as text), as the trackers expect."""
-    flat: dict[str, bool | int | float | str] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        elif isinstance(value, (list, tuple)) or value is None:
-            flat[prefix + key] = json.dumps(value)
-        else:
-            flat[prefix + key] = value
-    return flat
 

@@ -333,7 +333,7 @@ class Trainer:
         bar = tqdm(total=train.updates, initial=self.update, desc=self.progress_desc, disable=not self.progress,
                    unit="upd", mininterval=1.0, position=self.progress_position)
         started = time.perf_counter() - self.elapsed  # wall time accumulates across resumes
-        evaluation = None
+        evaluation, evaluated = None, False
         while self.update < train.updates:
             if not self.in_epoch:
                 self._start_epoch()
@@ -350,7 +350,7 @@ class Trainer:
                 self._log(record)
                 bar.set_postfix(loss=f"{metrics['loss']:.3g}")
             if self.update % train.eval_every == 0 or self.update == train.updates:
-                evaluation = self._evaluate()
+                evaluation, evaluated = self._evaluate(), True
                 if main:
                     self._log({"update": self.update, **{f"eval/{k}": v for k, v in evaluation.items()}})
                     self.trackers.log_samples(self.run, self.update)
@@ -359,7 +359,7 @@ class Trainer:
             if self.update % train.checkpoint_every == 0 or self.update == train.updates:
                 self.save()
         bar.close()
-        if evaluation is None:  # resumed a finished run
+        if not evaluated:  # resumed a finished run
             evaluation = self._evaluate()
         if main:
             self.trackers.finish()

@@ -1,15 +1,5 @@
-"""``nablagfn compare``: train a grid of methods × seeds alike and report their trade-offs (the paper's Table 1).
-
-A report directory ``OUT`` holds
-  runs/<method>_seed<k>/  ordinary run directories (config.yaml, metrics.jsonl, checkpoints/, eval.json)
-  compare.json            the grid's command line, date and machine
-  results.md              Table 1: each method at its runs' best-reward evaluations, mean ± std over seeds
-  summary.json            every number behind the table, and each run's evaluations
-  curves.png, pareto.png  metrics against update and wall time; reward against diversity / FID per checkpoint
-  grids.png               samples of every method (and the pretrained model) from the same seeds
-Runs are resumable: a finished run (its final checkpoint exists) is skipped, an unfinished one continues from its
-last checkpoint, so a killed compare loses at most the updates since each run's last checkpoint.
-"""
+"""The report of ``nablagfn compare``: each run's evaluations read back from its ``metrics.jsonl``, Table 1
+(``results.md``), ``summary.json`` and the figures of ``viz.py``. It never recomputes a metric."""
 
 from __future__ import annotations
 
@@ -17,22 +7,15 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
-import time
-import traceback
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import datetime
-from multiprocessing import current_process, get_context
 from pathlib import Path
 from typing import Any
 
-
-from .config import RunConfig, load_config, parse_override, read_yaml_mapping
-from .errors import CheckpointError, ConfigError
-from .methods import METHODS
+from ..config import load_config
+from ..errors import ConfigError
+from ..methods import METHODS
+from .grid import RunSpec, run_name, run_state
 
 
 @dataclass(frozen=True)
@@ -65,249 +48,7 @@ REFERENCES: dict[str, str] = {
     "eval/mode_tv_floor": "two-sample floor of the mode TV",
     "eval/energy_distance_floor": "two-sample floor of the energy distance",
 }
-#: keys compare sets itself for each run
-RESERVED_KEYS = ("method.name", "train.seed")
 REPORT_FILES = ("results.md", "summary.json", "curves.png", "pareto.png", "grids.png")
-
-
-def run_name(method: str, seed: int) -> str:
-    return f"{method}_seed{seed}"
-
-
-# -- the grid ------------------------------------------------------------------------------------------------------
-@dataclass
-class RunSpec:
-    """One (method, seed) of the grid: its validated config and its run directory."""
-
-    method: str
-    seed: int
-    config: RunConfig
-    run_dir: Path
-
-    @property
-    def name(self) -> str:
-        return run_name(self.method, self.seed)
-
-
-def load_settings(path: str | Path | None) -> dict[str, list[str]]:
-    """Per-method overrides from a YAML file mapping method name → list of ``key=value`` strings."""
-    if path is None:
-        return {}
-    data = read_yaml_mapping(path, "--settings", "map method names to lists of key=value overrides")
-    settings: dict[str, list[str]] = {}
-    for method, items in data.items():
-        if method not in METHODS:
-            raise ConfigError(f"--settings {path}: unknown method {method!r}; choose from {', '.join(METHODS)}")
-        items = [] if items is None else items
-        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-            raise ConfigError(f"--settings {path}: {method} must be a list of key=value strings, e.g. "
-                              f"['train.on_policy=true']")
-        settings[method] = items
-    return settings
-
-
-def plan_grid(
-    methods: Iterable[str],
-    seeds: Iterable[int],
-    out: str | Path,
-    config_file: str | Path | None = None,
-    overrides: Iterable[str] = (),
-    settings: dict[str, list[str]] | None = None,
-) -> list[RunSpec]:
-    """Every run's config, validated before any work: defaults ← ``config_file`` ← ``overrides`` ← the method's
-    ``settings`` ← ``method.name``, ``train.seed``. Raises ConfigError naming the method (and key) at fault, and when
-    a run directory already under ``out`` was made with another config."""
-    methods, seeds, overrides = list(dict.fromkeys(methods)), list(dict.fromkeys(seeds)), list(overrides)
-    settings = settings or {}
-    unknown = [method for method in methods if method not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    if not methods or not seeds:
-        raise ConfigError(f"empty grid: {len(methods)} method(s) × {len(seeds)} seed(s); give --methods and --seeds")
-    for source, items in [("", overrides), *((f"--settings {m}: ", s) for m, s in settings.items())]:
-        for item in items:
-            try:
-                key = ".".join(parse_override(item)[0])
-            except ConfigError as error:
-                raise ConfigError(f"{source}{error}") from None
-            if key in RESERVED_KEYS:
-                raise ConfigError(f"{source}override {item!r}: compare sets {key} for each run; use --methods and "
-                                  "--seeds")
-    failures: dict[str, list[str]] = {}  # error message → methods (a bad global override fails them all alike)
-    configs: dict[str, RunConfig] = {}
-    for method in methods:
-        try:  # the seed cannot make a config invalid: validate once per method (method × reward included)
-            load_config(config_file, [*overrides, *settings.get(method, []), f"method.name={method}"])
-        except ConfigError as error:
-            failures.setdefault(str(error), []).append(method)
-            continue
-        for seed in seeds:
-            configs[run_name(method, seed)] = load_config(
-                config_file, [*overrides, *settings.get(method, []), f"method.name={method}", f"train.seed={seed}"]
-            )
-    if failures:
-        hint = ("\n(a key that only some methods have belongs in those methods' entries of --settings)"
-                if any("unknown key" in message and len(names) < len(methods) for message, names in failures.items())
-                else "")
-        raise ConfigError("\n".join(f"method {', '.join(names)}: {message}" for message, names in failures.items())
-                          + hint)
-    runs = Path(out) / "runs"
-    specs = [RunSpec(m, s, configs[run_name(m, s)], runs / run_name(m, s)) for m in methods for s in seeds]
-    for spec in specs:
-        _check_saved_config(spec)
-    return specs
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-    return flat
-
-
-def _check_saved_config(spec: RunSpec) -> None:
-    """A run directory that exists must hold a run of the same config (else resuming it would mix two configs)."""
-    saved = spec.run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    previous = load_config(saved)
-    if spec.config.train.data_shards is None and previous.train.data_shards == 1:  # what one process resolves
-        previous.train.data_shards = None  # None to (compare trains each run in one process)
-    if previous == spec.config:
-        return
-    old, new = _flatten(previous.model_dump(mode="json")), _flatten(spec.config.model_dump(mode="json"))
-    changed = [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in sorted(set(old) | set(new))
-               if old.get(key) != new.get(key)]
-    raise ConfigError(f"{spec.run_dir} holds a run with another config ({'; '.join(changed[:5])}); "
-                      f"use another --out, or delete that run directory to retrain it")
-
-
-# -- running -------------------------------------------------------------------------------------------------------
-def final_checkpoint(run_dir: Path, updates: int) -> Path:
-    return run_dir / "checkpoints" / f"update_{updates:07d}"
-
-
-def run_state(run_dir: Path, updates: int) -> str:
-    """``finished`` (its final checkpoint exists), ``diverged`` (stopped on non-finite losses, ``diverged.json``),
-    ``partial`` (a checkpoint to resume from) or ``new``."""
-    from .train.checkpoint import list_checkpoints
-
-    if (final_checkpoint(run_dir, updates) / "model.safetensors").is_file():
-        return "finished"
-    if (run_dir / "diverged.json").is_file():
-        return "diverged"
-    return "partial" if list_checkpoints(run_dir) else "new"
-
-
-def train_run(spec: RunSpec, progress: bool = False, position: int | None = None) -> dict[str, Any]:
-    """Train one run of the grid from scratch, or resume it; skip it when finished or diverged. Returns what happened
-    (``status``: skipped, trained, resumed, diverged or failed; ``seconds``; ``error``). Never raises for a failing
-    run, so the other runs of the grid go on; a diverged run (non-finite losses) is marked so reruns skip it."""
-    from .errors import NonFiniteLossError
-    from .train.trainer import Trainer
-
-    state = run_state(spec.run_dir, spec.config.train.updates)
-    outcome: dict[str, Any] = {"name": spec.name, "state": state, "seconds": 0.0}
-    if state in ("finished", "diverged"):
-        return {**outcome, "status": "skipped"}
-    started = time.perf_counter()
-    trainer = None
-    try:
-        trainer = Trainer(spec.config, spec.run_dir, progress=progress)
-        trainer.progress_desc, trainer.progress_position = spec.name, position
-        metrics = trainer.train(resume=state == "partial")
-        (spec.run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
-        outcome["status"] = "resumed" if state == "partial" else "trained"
-    except NonFiniteLossError as error:
-        (spec.run_dir / "diverged.json").write_text(json.dumps({"update": trainer.update, "error": str(error)}))
-        outcome.update(status="diverged", error=str(error))
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:  # a clear message is enough
-        outcome.update(status="failed", error=" ".join(str(error).split()))
-    except Exception as error:  # noqa: BLE001 — reported with its traceback, and the grid goes on
-        outcome.update(status="failed", error=" ".join(f"{type(error).__name__}: {error}".split()),
-                       traceback=traceback.format_exc())
-    outcome["seconds"] = time.perf_counter() - started
-    outcome["training_time"] = trainer.elapsed if trainer is not None else None
-    return outcome
-
-
-def _pool_worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _train_in_worker(spec: RunSpec, progress: bool) -> dict[str, Any]:
-    identity = current_process()._identity  # worker number in the pool: one progress-bar line each
-    return train_run(spec, progress, position=identity[0] - 1 if identity else None)
-
-
-def _describe(outcome: dict[str, Any]) -> str:
-    if outcome["status"] == "skipped":
-        return f"skipped ({outcome['state']})"
-    text = f"{outcome['status']} in {outcome['seconds']:.1f} s"
-    if outcome.get("training_time") is not None:
-        text += f" (training time {outcome['training_time']:.1f} s)"
-    if outcome["status"] in ("diverged", "failed"):
-        text += f": {outcome['error']}"
-    return text
-
-
-def run_grid(
-    specs: list[RunSpec], jobs: int = 1, progress: bool = True, echo: Callable[[str], None] = print
-) -> list[dict[str, Any]]:
-    """Train every run of the grid, ``jobs`` at a time (separate processes, one thread each); one line per run."""
-    import torch
-
-    total, done = len(specs), 0
-    outcomes: list[dict[str, Any]] = []
-
-    def report(outcome: dict[str, Any]) -> None:
-        nonlocal done
-        done += 1
-        outcomes.append(outcome)
-        echo(f"[{done}/{total}] {outcome['name']}: {_describe(outcome)}")
-        if outcome.get("traceback"):
-            echo(outcome["traceback"].rstrip())
-
-    todo = []
-    for spec in specs:
-        state = run_state(spec.run_dir, spec.config.train.updates)
-        if state in ("finished", "diverged"):
-            report({"name": spec.name, "state": state, "status": "skipped", "seconds": 0.0})
-        else:
-            todo.append(spec)
-    if jobs <= 1 or len(todo) <= 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for spec in todo:
-                report(train_run(spec, progress, position=None))
-        finally:
-            torch.set_num_threads(threads)
-        return outcomes
-    saved_env = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ.update({name: "1" for name in saved_env})  # inherited by the spawned workers before torch loads
-    try:
-        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"),
-                                 initializer=_pool_worker_init) as pool:
-            futures = [pool.submit(_train_in_worker, spec, progress) for spec in todo]
-            try:
-                for future in as_completed(futures):
-                    report(future.result())
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-    finally:
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    return outcomes
 
 
 # -- reading the runs ----------------------------------------------------------------------------------------------
@@ -612,10 +353,10 @@ def write_grids(results: list[RunResult], path: Path, seed: int = 0) -> Path | N
     same seed, hence the same conditions and initial noise; ``None`` when no run has a checkpoint."""
     import torch
 
-    from .train.checkpoint import list_checkpoints
-    from .train.run import Run
-    from .train.trainer import load_weights
-    from .viz import plot_image_grids, plot_vector_samples
+    from ..train.checkpoint import list_checkpoints
+    from ..train.run import Run
+    from ..train.trainer import load_weights
+    from ..viz import plot_image_grids, plot_vector_samples
 
     chosen: dict[str, tuple[RunResult, Path]] = {}
     for r in results:
@@ -650,7 +391,7 @@ def write_grids(results: list[RunResult], path: Path, seed: int = 0) -> Path | N
 
 def write_report(out: Path, results: list[RunResult], header: dict[str, Any], grids: bool = True) -> dict[str, Any]:
     """Write results.md, summary.json, curves.png, pareto.png and grids.png into ``out``; returns the summary."""
-    from .viz import plot_method_curves, plot_pareto
+    from ..viz import plot_method_curves, plot_pareto
 
     present, missing = present_metrics(results)
     summary = summarize(results)
@@ -680,71 +421,3 @@ def write_report(out: Path, results: list[RunResult], header: dict[str, Any], gr
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(render_markdown(summary, results, present, missing, header, figures))
     return summary
-
-
-# -- the command ---------------------------------------------------------------------------------------------------
-def command_line(
-    methods: list[str], seeds: list[int], out: Path, config_file: str | None, settings_file: str | None,
-    overrides: list[str], jobs: int,
-) -> str:
-    """The canonical command of a grid (which also resumes it)."""
-    parts = ["nablagfn", "compare", "--methods", *methods, "--seeds", *map(str, seeds)]
-    for flag, value in (("--config", config_file), ("--settings", settings_file)):
-        if value:
-            parts += [flag, str(value)]
-    parts += ["--jobs", str(jobs), "--out", str(out), *overrides]
-    return shlex.join(parts)
-
-
-def compare(
-    out: Path,
-    methods: list[str] | None = None,
-    seeds: list[int] | None = None,
-    config_file: str | None = None,
-    settings_file: str | None = None,
-    overrides: list[str] = (),
-    jobs: int = 1,
-    progress: bool = True,
-    report_only: bool = False,
-    echo: Callable[[str], None] = print,
-) -> int:
-    """Plan (and validate) the grid, train what is not finished, write the report. Returns the exit code: 0, or 1
-    when a run failed (the report is written either way); raises ConfigError before any work for a bad grid."""
-    out = Path(out)
-    now = datetime.now().isoformat(timespec="seconds")
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be ≥ 1 (got {jobs})")
-    if report_only:
-        specs = discover_runs(out, methods, seeds)
-        grid_path = out / "compare.json"
-        grid = json.loads(grid_path.read_text()) if grid_path.is_file() else {}
-        report_command = ["nablagfn", "compare", "--report-only", *(["--methods", *methods] if methods else []),
-                          *(["--seeds", *map(str, seeds)] if seeds else []), "--out", str(out)]
-        header = {
-            "command": grid.get("command", "unknown (no compare.json)"),
-            "date": grid.get("date", "unknown"),
-            "machine": grid.get("machine") or machine_info(jobs, specs[0].config.train.device),
-            "report_command": shlex.join(report_command), "report_date": now,
-        }
-        outcomes: list[dict[str, Any]] = []
-    else:
-        methods = list(METHODS) if methods is None else methods
-        seeds = [0, 1, 2] if seeds is None else seeds
-        specs = plan_grid(methods, seeds, out, config_file, overrides, load_settings(settings_file))
-        command = command_line(methods, seeds, out, config_file, settings_file, list(overrides), jobs)
-        header = {"command": command, "date": now, "machine": machine_info(jobs, specs[0].config.train.device)}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(json.dumps({**header, "methods": methods, "seeds": seeds}, indent=1))
-        echo(f"report directory: {out} ({len(specs)} runs; rerun the same command to resume)")
-        outcomes = run_grid(specs, jobs, progress, echo)
-    results = [read_run(spec) for spec in specs]
-    for outcome in outcomes:  # a failure of this invocation, in the report
-        if outcome["status"] == "failed":
-            result = next(r for r in results if run_name(r.method, r.seed) == outcome["name"])
-            result.note = f"failed: {outcome['error']}"
-    write_report(out, results, header)
-    echo(f"report: {out / 'results.md'} (+ summary.json, curves.png, pareto.png, grids.png)")
-    failed = [o["name"] for o in outcomes if o["status"] == "failed"]
-    if failed:
-        echo(f"failed runs: {', '.join(failed)} (see above; rerun the command to retry them)")
-    return 1 if failed else 0
