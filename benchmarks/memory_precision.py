@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from method_costs import MALLOC_ENV, MB, MODELS, PeakMemory, _trim, clock, machine, machine_line, median, \
-    one_update, tiny_sd_pipeline
+    one_update, publish, tiny_sd_pipeline
 from nablagfn.config import load_config
 from nablagfn.methods import METHODS
 from nablagfn.train.trainer import Trainer
@@ -170,11 +170,7 @@ def main() -> None:
         args.sd_path = tiny_sd_pipeline(Path(workdir), latent_size=args.latent_size)
         rows = [measure_in_child(config, args) for config in configurations(args.methods, args.dtypes)]
     results["rows"] = add_ratios(rows)
-    results["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    print(markdown(results))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+    publish(results, markdown, args.out)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -638,11 +639,16 @@ def main() -> None:
                 results["memory"] = measure_memory(args, args.methods)
         if args.time_to_reward:
             results["time_to_reward"] = time_to_reward(args.time_to_reward, args.level)
+    publish(results, markdown, args.out)
+
+
+def publish(results: dict, render: Callable[[dict], str], out: Path | None) -> None:
+    """Note the load average at the end, print ``render(results)`` and write the JSON to ``out``."""
     results["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    print(markdown(results))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+    print(render(results))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
