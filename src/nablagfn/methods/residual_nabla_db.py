@@ -26,9 +26,16 @@ Choices beyond the paper (each switchable; the reasons and figures are in docs/m
   measured in ε units, so the low-noise steps do not dominate; ``reverse_weighting="variance"``: × σ².
 * ``detach_flow_in_forward``: g_φ learns from the reverse and terminal losses only.
 * the reverse term is first order (it trains g_φ only) unless ``second_order``.
+
+Ground truth: where the run knows the exact flow score (``exact_flow_score``: Gaussian mixtures with a Gaussian
+or linear reward, η = 1), each loss logs the relative error of the learned ∇ log F̃(x_k) and of the policy's
+drift (μ_θ − μ#)/σ² against it per band of steps (``flow_error/kLO-HI``, ``policy_error/kLO-HI``), and
+``flow_oracle`` trains the policy against the exact flow instead of the learned one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +43,15 @@ from torch import Tensor, nn
 from .base import Method, TransitionBatch, batch_mean
 
 
+#: bands of sampler steps over which the errors against the exact flow score are logged
+ERROR_BANDS = 5
+
+
 class ResidualNablaDB(Method):
+    #: ∇ log F̃ in closed form, ``(x, timestep) → score`` (``rewards.vector.ExactFlowScore``), set by the run when
+    #: it knows it; None otherwise
+    exact_flow_score: Callable[[Tensor, Tensor], Tensor] | None = None
+
     def __init__(self, config, backend, reward, kernel):
         super().__init__(config, backend, reward, kernel)
         self.networks["flow_score"] = backend.make_flow_score_net().to(backend.device)  # g_φ, zero at start
@@ -121,6 +136,10 @@ class ResidualNablaDB(Method):
         else:
             g_next = self.flow_score(x_next, next_index, cond)
         g_next = torch.where(is_last.reshape(-1, *([1] * (x.dim() - 1))), torch.zeros_like(g_next), g_next)
+        flow_target = next_flow_score + g_next
+        if getattr(cfg, "flow_oracle", False):  # ∇ log F̃(x_K) = β ∇ log R(x_K) exactly, as in eq. 15
+            exact_next = self.exact_flow_score(x_next, kernel.timestep_of_state(next_index))
+            flow_target = torch.where(is_last.reshape(-1, *([1] * (x.dim() - 1))), next_flow_score, exact_next)
         # ε#(x_k) is evaluated once, with its graph from x_k when the reverse target (J#ᵀv) or the pretrained
         # look-ahead x̂#(x_k) differentiates it below (each used to evaluate it again: docs/performance.md)
         pretrained = self.pretrained_eps_with_graph(x, timestep, cond)
@@ -135,7 +154,7 @@ class ResidualNablaDB(Method):
         residual_policy_score = (-(x_next - mean_policy) + eta * (x_next - mean_pretrained)) / variance
         if eta != 1:
             residual_policy_score = residual_policy_score - (1 - eta) * self.backward_kernel_scores(x, x_next, step)[0]
-        forward_residual = residual_policy_score - (next_flow_score + g_next)
+        forward_residual = residual_policy_score - flow_target
         forward_weight = variance**2 / eps_coef**2 if cfg.forward_weighting == "eps" else torch.ones_like(variance)
         forward_loss = batch_mean(forward_weight * forward_residual**2)
 
@@ -148,7 +167,40 @@ class ResidualNablaDB(Method):
         reverse_weight = variance if cfg.reverse_weighting == "variance" else torch.ones_like(variance)
         reverse_loss = batch_mean(reverse_weight * reverse_residual**2)
 
-        return self.total_loss(forward_loss, reverse_loss, batch, eps_policy)
+        loss, metrics = self.total_loss(forward_loss, reverse_loss, batch, eps_policy)
+        if self.exact_flow_score is not None:
+            drift = (mean_policy - mean_pretrained).detach() / variance
+            metrics.update(
+                self.errors_against_exact_flow(x, step, cond, generator, flow_here.detach(), drift, mean_policy.detach())
+            )
+        return loss, metrics
+
+    def errors_against_exact_flow(
+        self, x: Tensor, step: Tensor, cond: Tensor, generator, flow_here: Tensor, drift: Tensor, mean_policy: Tensor
+    ) -> dict[str, float]:
+        """Relative squared errors per band of steps, Σ‖estimate − exact‖² / Σ‖exact‖² over the band's transitions:
+        ``flow_error``, the learned ∇ log F̃(x_k) (look-ahead + g_φ) against the exact one; ``policy_error``, the
+        policy's drift (μ_θ − μ#)/σ² against the exact ∇ log F̃ at its mean μ_θ (eq. 16's optimum to first order)."""
+        kernel = self.kernel
+        exact_here = self.exact_flow_score(x, kernel.timestep_of_state(step))
+        next_index = step + 1
+        is_last = (next_index == kernel.num_steps).reshape(-1, *([1] * (x.dim() - 1)))
+        exact_next = torch.where(
+            is_last, self.forward_looking_score(mean_policy, torch.full_like(step, kernel.num_steps), cond, generator),
+            self.exact_flow_score(mean_policy, kernel.timestep_of_state(next_index)),
+        )
+        band = step * ERROR_BANDS // kernel.num_steps
+        metrics = {}
+        for index in range(ERROR_BANDS):
+            rows = band == index
+            if not bool(rows.any()):
+                continue
+            low = -(-index * kernel.num_steps // ERROR_BANDS)
+            high = -(-(index + 1) * kernel.num_steps // ERROR_BANDS) - 1
+            for name, estimate, exact in (("flow_error", flow_here, exact_here), ("policy_error", drift, exact_next)):
+                error = ((estimate[rows] - exact[rows]) ** 2).sum() / (exact[rows] ** 2).sum().clamp(min=1e-12)
+                metrics[f"{name}/k{low:02d}-{high:02d}"] = error.item()
+        return metrics
 
     def total_loss(
         self, forward_loss: Tensor, reverse_loss: Tensor, batch: TransitionBatch, eps_policy: Tensor

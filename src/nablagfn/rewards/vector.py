@@ -105,3 +105,34 @@ def exact_target(
 
         return GridDensity(log_density, low, high)
     return None
+
+
+class ExactFlowScore:
+    """The exact residual flow score ∇ log F̃_t of a Gaussian mixture tilted by a Gaussian or linear reward (η = 1).
+
+    Under the pretrained diffusion, x_0 | x_t is known in closed form, and the residual flow is
+    F̃_t(x) = E[R(x_0)^β | x_t = x] = Z · p̃_t(x) / p_t(x), with p̃ = p·R^β (again a mixture, ``reward.tilt``) and
+    p_t, p̃_t both noised to level ᾱ_t. So ∇ log F̃_t = ∇ log p̃_t − ∇ log p_t, two closed-form mixture scores.
+    It is the flow of the continuous-time process; a K-step sampler's own flow differs from it by the
+    discretisation. The optimal residual of eq. 15 is then g*(x_k) = ∇ log F̃(x_k) − β γ_k ∇ log R(x̂(x_k)).
+
+    Args:
+        prior: the pretrained mixture p.
+        reward: a ``GaussianReward`` or ``LinearReward``.
+        beta: the tilt's exponent β.
+        alphas_cumprod: the schedule's ᾱ_t per diffusion timestep t.
+    """
+
+    def __init__(self, prior: GaussianMixture, reward: Reward, beta: float, alphas_cumprod: Tensor):
+        if not isinstance(reward, (GaussianReward, LinearReward)):
+            raise ValueError(f"the exact flow score needs a gaussian or linear reward, not {type(reward).__name__}")
+        self.prior = prior
+        self.tilted = reward.tilt(prior, beta)
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+
+    def __call__(self, x: Tensor, timestep: Tensor) -> Tensor:
+        """∇_x log F̃_t(x) at each sample's diffusion timestep t (long, (B,)) → the shape and dtype of x."""
+        abar = self.alphas_cumprod[timestep.cpu()]
+        x64 = x.detach().cpu().double()
+        score = self.tilted.score(x64, abar) - self.prior.score(x64, abar)
+        return score.to(device=x.device, dtype=x.dtype)

@@ -19,7 +19,7 @@ from ..mdp.rollout import Trajectories
 from ..methods import Method, build_method
 from ..rewards import Reward, build_reward
 from ..rewards.classifier import ClassifierReward
-from ..rewards.vector import exact_target
+from ..rewards.vector import ExactFlowScore, GaussianReward, LinearReward, exact_target
 
 
 @dataclass
@@ -46,6 +46,13 @@ class Run:
             method = build_method(config.method, backend, reward, kernel)
         except ValueError as error:
             raise ConfigError(f"invalid config:\n  {error}") from None
+        if hasattr(method, "exact_flow_score"):
+            method.exact_flow_score = _exact_flow_score(config, backend, reward)
+            if getattr(config.method, "flow_oracle", False) and method.exact_flow_score is None:
+                raise ConfigError(
+                    "method.flow_oracle: the exact flow score is known only for model.kind=gmm with reward.kind=gaussian "
+                    "or linear and method.prior_strength=1; set method.flow_oracle=false"
+                )
         return cls(config, backend, reward, kernel, method)
 
     def exact_target(self):
@@ -152,3 +159,13 @@ class Run:
             images = self.decode(samples)
             metrics.update(digits_metrics(images, self.reward.digit, self.reward.classifier, self.features))
         return metrics
+
+
+def _exact_flow_score(config: RunConfig, backend: Backend, reward: Reward) -> ExactFlowScore | None:
+    """The closed-form ∇ log F̃ of a Gaussian-mixture run with a Gaussian or linear reward at η = 1, else None."""
+    method = config.method
+    if not isinstance(backend, GaussianMixtureBackend) or not isinstance(reward, (GaussianReward, LinearReward)):
+        return None
+    if getattr(method, "prior_strength", None) != 1:
+        return None
+    return ExactFlowScore(backend.mixture, reward, method.beta, backend.schedule.alphas_cumprod)
