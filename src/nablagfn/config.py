@@ -263,6 +263,7 @@ class ResidualNablaDBConfig(_GradientFlowConfig):
     reverse_target: Literal["propagated", "expected", "sampled"] = "propagated"
     detach_flow_in_forward: bool = True
     second_order: bool = False
+    policy_target: Literal["detailed_balance", "tilted_score"] = "detailed_balance"
     flow_oracle: bool = Field(
         False, description="diagnostic: the forward loss uses the exact flow score ∇ log F̃ instead of the learned "
         "one (model.kind=gmm with a gaussian or linear reward and prior_strength 1)"

@@ -150,14 +150,6 @@ class ResidualNablaDB(Method):
             eps_pretrained = pretrained[1].detach()
         mean_pretrained = kernel.mean(x, eps_pretrained, step)
 
-        # eq. 16: forward residual ∇-DB
-        residual_policy_score = (-(x_next - mean_policy) + eta * (x_next - mean_pretrained)) / variance
-        if eta != 1:
-            residual_policy_score = residual_policy_score - (1 - eta) * self.backward_kernel_scores(x, x_next, step)[0]
-        forward_residual = residual_policy_score - flow_target
-        forward_weight = variance**2 / eps_coef**2 if cfg.forward_weighting == "eps" else torch.ones_like(variance)
-        forward_loss = batch_mean(forward_weight * forward_residual**2)
-
         # eq. 17: reverse residual ∇-DB
         reverse_policy_score = self.reverse_residual_policy_score(
             x, x_next, step, cond, mean_policy, mean_pretrained, (next_flow_score + g_next).detach(), pretrained
@@ -167,40 +159,22 @@ class ResidualNablaDB(Method):
         reverse_weight = variance if cfg.reverse_weighting == "variance" else torch.ones_like(variance)
         reverse_loss = batch_mean(reverse_weight * reverse_residual**2)
 
+        if getattr(cfg, "policy_target", "detailed_balance") == "tilted_score":
+            forward_loss = self.tilted_score_loss(x, timestep, eps_policy, eps_pretrained, flow_here.detach())
+        else:  # eq. 16: forward residual ∇-DB
+            residual_policy_score = (-(x_next - mean_policy) + eta * (x_next - mean_pretrained)) / variance
+            if eta != 1:
+                residual_policy_score = residual_policy_score - (1 - eta) * self.backward_kernel_scores(x, x_next, step)[0]
+            forward_residual = residual_policy_score - flow_target
+            forward_weight = variance**2 / eps_coef**2 if cfg.forward_weighting == "eps" else torch.ones_like(variance)
+            forward_loss = batch_mean(forward_weight * forward_residual**2)
+
         loss, metrics = self.total_loss(forward_loss, reverse_loss, batch, eps_policy)
         if self.exact_flow_score is not None:
-            drift = (mean_policy - mean_pretrained).detach() / variance
-            metrics.update(
-                self.errors_against_exact_flow(x, step, cond, generator, flow_here.detach(), drift, mean_policy.detach())
-            )
+            metrics.update(self.errors_against_exact_flow(
+                x, step, cond, generator, flow_here.detach(), eps_policy.detach(), eps_pretrained, mean_policy.detach()
+            ))
         return loss, metrics
-
-    def errors_against_exact_flow(
-        self, x: Tensor, step: Tensor, cond: Tensor, generator, flow_here: Tensor, drift: Tensor, mean_policy: Tensor
-    ) -> dict[str, float]:
-        """Relative squared errors per band of steps, Σ‖estimate − exact‖² / Σ‖exact‖² over the band's transitions:
-        ``flow_error``, the learned ∇ log F̃(x_k) (look-ahead + g_φ) against the exact one; ``policy_error``, the
-        policy's drift (μ_θ − μ#)/σ² against the exact ∇ log F̃ at its mean μ_θ (eq. 16's optimum to first order)."""
-        kernel = self.kernel
-        exact_here = self.exact_flow_score(x, kernel.timestep_of_state(step))
-        next_index = step + 1
-        is_last = (next_index == kernel.num_steps).reshape(-1, *([1] * (x.dim() - 1)))
-        exact_next = torch.where(
-            is_last, self.forward_looking_score(mean_policy, torch.full_like(step, kernel.num_steps), cond, generator),
-            self.exact_flow_score(mean_policy, kernel.timestep_of_state(next_index)),
-        )
-        band = step * ERROR_BANDS // kernel.num_steps
-        metrics = {}
-        for index in range(ERROR_BANDS):
-            rows = band == index
-            if not bool(rows.any()):
-                continue
-            low = -(-index * kernel.num_steps // ERROR_BANDS)
-            high = -(-(index + 1) * kernel.num_steps // ERROR_BANDS) - 1
-            for name, estimate, exact in (("flow_error", flow_here, exact_here), ("policy_error", drift, exact_next)):
-                error = ((estimate[rows] - exact[rows]) ** 2).sum() / (exact[rows] ** 2).sum().clamp(min=1e-12)
-                metrics[f"{name}/k{low:02d}-{high:02d}"] = error.item()
-        return metrics
 
     def total_loss(
         self, forward_loss: Tensor, reverse_loss: Tensor, batch: TransitionBatch, eps_policy: Tensor
@@ -224,6 +198,58 @@ class ResidualNablaDB(Method):
             "loss/output_reg": output_reg.mean().item(),
         }
         return loss, metrics
+
+    def tilted_score_loss(
+        self, x: Tensor, timestep: Tensor, eps_policy: Tensor, eps_pretrained: Tensor, flow_here: Tensor
+    ) -> Tensor:
+        """‖ε_θ(x_k) − η ε#(x_k) + √(1 − ᾱ_k) ∇ log F̃(x_k)‖²: the finetuned ε is the tilted model's, whose score is
+        ∇ log p_t^η + ∇ log F̃ (F̃ = q_t / p_t^η for the target q noised to t)."""
+        if getattr(self.config, "flow_oracle", False):
+            flow_here = self.exact_flow_score(x, timestep)
+        scale = self.noise_scale(x, timestep)
+        return batch_mean((eps_policy - self.prior_strength * eps_pretrained + scale * flow_here) ** 2)
+
+    def noise_scale(self, x: Tensor, timestep: Tensor) -> Tensor:
+        """√(1 − ᾱ_t) per sample, shaped to broadcast against x."""
+        abar = self.backend.schedule.alphas_cumprod.to(x.device)[timestep].to(x.dtype)
+        return (1 - abar).sqrt().reshape(-1, *([1] * (x.dim() - 1)))
+
+    def errors_against_exact_flow(
+        self, x: Tensor, step: Tensor, cond: Tensor, generator, flow_here: Tensor, eps_policy: Tensor,
+        eps_pretrained: Tensor, mean_policy: Tensor,
+    ) -> dict[str, float]:
+        """Relative squared errors per band of steps, Σ‖estimate − exact‖² / Σ‖exact‖² over the band's transitions:
+        ``flow_error``, the learned ∇ log F̃(x_k) (look-ahead + g_φ) against the exact one; ``policy_error``, the flow
+        score the policy implies against the exact one where ``policy_target`` puts it: −(ε_θ − ε#)/√(1 − ᾱ_k)
+        at x_k (``tilted_score``), or the drift (μ_θ − μ#)/σ² at μ_θ (``detailed_balance``: eq. 16's optimum to
+        first order; at the last step the exact value is β ∇ log R(μ_θ))."""
+        kernel = self.kernel
+        timestep = kernel.timestep_of_state(step)
+        exact_here = self.exact_flow_score(x, timestep)
+        if getattr(self.config, "policy_target", "detailed_balance") == "tilted_score":
+            implied, exact_policy = -(eps_policy - eps_pretrained) / self.noise_scale(x, timestep), exact_here
+        else:
+            next_index = step + 1
+            is_last = (next_index == kernel.num_steps).reshape(-1, *([1] * (x.dim() - 1)))
+            final = torch.full_like(step, kernel.num_steps)
+            implied = kernel.mean(x, eps_policy - eps_pretrained, step) - kernel.mean(x, torch.zeros_like(x), step)
+            implied = implied / kernel.variance_like(x, step)
+            exact_policy = torch.where(
+                is_last, self.forward_looking_score(mean_policy, final, cond, generator),
+                self.exact_flow_score(mean_policy, kernel.timestep_of_state(next_index)),
+            )
+        band = step * ERROR_BANDS // kernel.num_steps
+        metrics = {}
+        for index in range(ERROR_BANDS):
+            rows = band == index
+            if not bool(rows.any()):
+                continue
+            low = -(-index * kernel.num_steps // ERROR_BANDS)
+            high = -(-(index + 1) * kernel.num_steps // ERROR_BANDS) - 1
+            for name, estimate, exact in (("flow_error", flow_here, exact_here), ("policy_error", implied, exact_policy)):
+                error = ((estimate[rows] - exact[rows]) ** 2).sum() / (exact[rows] ** 2).sum().clamp(min=1e-12)
+                metrics[f"{name}/k{low:02d}-{high:02d}"] = error.item()
+        return metrics
 
     def reverse_residual_policy_score(
         self,
