@@ -4,7 +4,8 @@ With the classifier reward, β = 1 and η = 1 the target is p_pretrained(x) p(k 
 the real digits of class k (what a perfect model and classifier would give), and the exact target of
 *this* pretrained model, drawn by self-normalised importance resampling of many pretrained samples
 with weights p(k | x)^β. Prints class accuracy, Fréchet distance to the real class (classifier
-features), and diversity (mean pairwise pixel distance) for each, plus training wall time.
+features), and diversity (mean pairwise distance in the same features; the real class's is printed last) for
+each, plus training wall time. A run directory that already holds a finished run is evaluated, not retrained.
 
     python benchmarks/digits_residual_nabla_db.py --digit 3 --seeds 0 --pool 6000
 """
@@ -13,15 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from nablagfn.config import load_config
 from nablagfn.eval.digits import digits_metrics
+from nablagfn.eval.metrics import mean_pairwise_distance
+from nablagfn.train.checkpoint import list_checkpoints
 from nablagfn.train.run import Run
-from nablagfn.train.trainer import Trainer
+from nablagfn.train.trainer import Trainer, load_weights
+
+
+def image_metrics(run: Run, images: torch.Tensor, digit: int) -> dict[str, float]:
+    """Class share, FD to the real class and diversity of images, in the run's evaluation features."""
+    metrics = digits_metrics(images, digit, run.reward.classifier, run.features)
+    metrics["diversity"] = mean_pairwise_distance(run.features(images), run.features.distance)
+    return metrics
 
 
 def importance_resampled_target(run: Run, pool: int, num: int, seed: int) -> torch.Tensor:
@@ -50,20 +59,24 @@ def main() -> None:
     for seed in args.seeds:
         overrides = ["model.kind=digits", f"reward.digit={args.digit}", f"train.seed={seed}", *args.overrides]
         config = load_config(None, overrides)
-        trainer = Trainer(config, Path(args.out) / f"seed{seed}", progress=False)
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
+        run_dir = Path(args.out) / f"seed{seed}"
+        trainer = Trainer(config, run_dir, progress=False)
+        checkpoints = list_checkpoints(run_dir) if run_dir.exists() else []
+        if checkpoints and checkpoints[-1].name == f"update_{config.train.updates:07d}":
+            load_weights(trainer.run, checkpoints[-1])
+        else:
+            trainer.train()
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        seconds = max(r.get("time", 0.0) for r in records)  # the run's wall time (its evaluations included)
         run = trainer.run
-        classifier = run.reward.classifier
         for name, finetuned in (("pretrained", False), ("finetuned", True)):
             images = run.decode(run.sample(args.num, seed=1000 + seed, finetuned=finetuned))
-            rows[f"{name} (seed {seed})"] = digits_metrics(images, args.digit, classifier)
+            rows[f"{name} (seed {seed})"] = image_metrics(run, images, args.digit)
         rows[f"finetuned (seed {seed})"]["train_seconds"] = seconds
     if args.pool > 0:
         run = Run.build(load_config(None, ["model.kind=digits", f"reward.digit={args.digit}", *args.overrides]))
         target = importance_resampled_target(run, args.pool, args.num, seed=99)
-        rows["exact target (importance resampling)"] = digits_metrics(target, args.digit, run.reward.classifier)
+        rows["exact target (importance resampling)"] = image_metrics(run, target, args.digit)
     print(f"{'':40s} {'class acc':>9s} {'FD→class':>9s} {'diversity':>9s} {'train s':>8s}")
     for name, metrics in rows.items():
         seconds = f"{metrics['train_seconds']:.0f}" if "train_seconds" in metrics else ""

@@ -263,7 +263,10 @@ class ResidualNablaDBConfig(_GradientFlowConfig):
     reverse_target: Literal["propagated", "expected", "sampled"] = "propagated"
     detach_flow_in_forward: bool = True
     second_order: bool = False
-    policy_target: Literal["detailed_balance", "tilted_score"] = "detailed_balance"
+    policy_target: Literal["tilted_score", "detailed_balance"] = Field(
+        "tilted_score", description="tilted_score: ε_θ(x_k) → η ε#(x_k) − √(1 − ᾱ_k) ∇ log F̃(x_k); detailed_balance: "
+        "eq. 16 (the paper)"
+    )
     flow_oracle: bool = Field(
         False, description="diagnostic: the forward loss uses the exact flow score ∇ log F̃ instead of the learned "
         "one (model.kind=gmm with a gaussian or linear reward and prior_strength 1)"
