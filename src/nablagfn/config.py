@@ -757,7 +757,8 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {
         "method": {"beta": 1.0},
         "train": {
-            "updates": 150,
+            "updates": 200,
+            "flow_optimizer": {"lr": 1e-2},
             "trajectories_per_epoch": 32,
             "batch_size": 16,
             "checkpoint_every": 50,
