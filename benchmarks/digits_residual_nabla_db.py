@@ -30,6 +30,7 @@ def image_metrics(run: Run, images: torch.Tensor, digit: int) -> dict[str, float
     """Class share, FD to the real class and diversity of images, in the run's evaluation features."""
     metrics = digits_metrics(images, digit, run.reward.classifier, run.features)
     metrics["diversity"] = mean_pairwise_distance(run.features(images), run.features.distance)
+    metrics["diversity_pixels"] = mean_pairwise_distance(images.flatten(1).float())
     return metrics
 
 
@@ -77,11 +78,11 @@ def main() -> None:
         run = Run.build(load_config(None, ["model.kind=digits", f"reward.digit={args.digit}", *args.overrides]))
         target = importance_resampled_target(run, args.pool, args.num, seed=99)
         rows["exact target (importance resampling)"] = image_metrics(run, target, args.digit)
-    print(f"{'':40s} {'class acc':>9s} {'FD→class':>9s} {'diversity':>9s} {'train s':>8s}")
+    print(f"{'':40s} {'class acc':>9s} {'FD→class':>9s} {'diversity':>9s} {'pixels':>7s} {'train s':>8s}")
     for name, metrics in rows.items():
         seconds = f"{metrics['train_seconds']:.0f}" if "train_seconds" in metrics else ""
         print(f"{name:40s} {metrics['class_accuracy']:9.3f} {metrics['fd_to_class']:9.2f} "
-              f"{metrics['diversity']:9.3f} {seconds:>8s}")
+              f"{metrics['diversity']:9.3f} {metrics['diversity_pixels']:7.3f} {seconds:>8s}")
     print(f"real digits of class {args.digit}: diversity {next(iter(rows.values()))['diversity_real_class']:.3f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps(rows, indent=1))

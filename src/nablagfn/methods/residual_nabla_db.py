@@ -18,18 +18,24 @@ without it the fixed point is not R^β·p^η for η ≠ 1 (on the ring, η = 0.5
 −0.64 against the target's −1.16). At η = 0 this is ∇-DB (eq. 7–9, ``NablaDB``).
 
 Choices beyond the paper (each switchable; the reasons and figures are in docs/methods.md):
+* ``policy_target``: what the policy learns from. ``detailed_balance`` is eq. 16; ``tilted_score`` (default) makes
+  the finetuned ε the tilted model's with the same learned flow score at the current state,
+  ‖ε_θ(x_k) − η ε#(x_k) + √(1 − ᾱ_k) ∇ log F̃(x_k)‖² (∇ log q_t = η ∇ log p_t + ∇ log F̃_t for the target q noised
+  to t). Eq. 16's optimum is each step's mean-matched Gaussian approximation of the optimal kernel, which stops
+  short of the target at 50 steps even with the exact flow score; this one is the tilted process discretised as
+  the pretrained sampler discretises p's.
 * ``reverse_target``: the estimator of eq. 17's target. ``sampled`` is the paper's; ``expected`` is its
   conditional expectation over x_{k+1} ~ P_F(·|x_k), −η J_{μ#}(x_k)ᵀ(μ_θ − μ#)/σ²; ``propagated``
   (default) substitutes eq. 16's optimum into it, giving −J_{μ#}(x_k)ᵀ ∇ log F̃(x_{k+1}) at η = 1.
 * ``lookahead``: x̂ in eq. 15 from the pretrained model (default) or the finetuned one (paper).
-* ``forward_weighting="eps"``: the forward loss × σ⁴/b² (b the ε coefficient of the step mean), i.e.
+* ``forward_weighting="eps"`` (eq. 16 only): the forward loss × σ⁴/b² (b the ε coefficient of the step mean), i.e.
   measured in ε units, so the low-noise steps do not dominate; ``reverse_weighting="variance"``: × σ².
 * ``detach_flow_in_forward``: g_φ learns from the reverse and terminal losses only.
 * the reverse term is first order (it trains g_φ only) unless ``second_order``.
 
 Ground truth: where the run knows the exact flow score (``exact_flow_score``: Gaussian mixtures with a Gaussian
-or linear reward, η = 1), each loss logs the relative error of the learned ∇ log F̃(x_k) and of the policy's
-drift (μ_θ − μ#)/σ² against it per band of steps (``flow_error/kLO-HI``, ``policy_error/kLO-HI``), and
+or linear reward, η = 1), each loss logs the relative error of the learned ∇ log F̃(x_k) and of the flow score
+the policy implies against it per band of steps (``flow_error/kLO-HI``, ``policy_error/kLO-HI``), and
 ``flow_oracle`` trains the policy against the exact flow instead of the learned one.
 """
 
