@@ -9,6 +9,7 @@ import torch
 
 from nablagfn.backends.gmm import GaussianMixture
 from nablagfn.config import ConfigError, load_config
+from nablagfn.methods import make_transitions
 from nablagfn.rewards.vector import ExactFlowScore, GaussianReward, LinearReward
 from nablagfn.train.run import Run
 
@@ -84,3 +85,24 @@ def test_flow_oracle_is_refused_where_the_flow_is_unknown(extra):
     overrides = ["model.kind=gmm", *extra, "method.flow_oracle=true"]
     with pytest.raises(ConfigError, match="method.flow_oracle"):
         Run.build(load_config(None, overrides))
+
+
+def test_tilted_score_loss_is_the_distance_to_the_tilted_models_eps():
+    """policy_target=tilted_score with the exact flow: the forward loss is ‖ε_θ − ε# + √(1 − ᾱ_k) ∇ log F̃(x_k)‖²
+    (η = 1), zero exactly when the finetuned ε is the tilted target's."""
+    run = Run.build(load_config(None, ["model.kind=gmm", "sampler.steps=10", "method.flow_oracle=true"]))
+    method, kernel, backend = run.method, run.kernel, run.backend
+    assert run.config.method.policy_target == "tilted_score"
+    trajectories = run.rollout(torch.zeros(16, dtype=torch.long), torch.Generator().manual_seed(0))
+    steps = torch.arange(10).repeat(2)
+    batch = make_transitions(trajectories, torch.arange(16).repeat_interleave(10)[:20], steps)
+    with torch.no_grad():  # move the adapter away from zero so the policy differs from the pretrained model
+        for parameter in backend.trainable_parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)))
+    _, metrics = method.loss(batch, torch.Generator().manual_seed(1))
+    timestep = kernel.timestep_of_state(batch.step)
+    abar = backend.schedule.alphas_cumprod[timestep].float()[:, None]
+    with torch.no_grad():
+        residual = (backend.eps(batch.state, timestep, batch.cond) - backend.eps(batch.state, timestep, batch.cond, False)
+                    + (1 - abar).sqrt() * method.exact_flow_score(batch.state, timestep))
+    assert metrics["loss/forward"] == pytest.approx((residual**2).mean().item(), rel=1e-5)
