@@ -43,6 +43,7 @@ def test_three_suite_mixtures_train_toward_their_exact_targets(index):
     assert final["mode_tv"] < 0.4 * prior["mode_tv"]
     assert final["energy_distance"] < 0.2 * prior["energy_distance"]
     assert set(result["pretrained_vs_prior"]) >= {"mode_tv", "energy_distance", "energy_distance_floor"}
+    assert 0 < result["energy_floor_mean"] < final["energy_distance"] and result["prior_energy_floor_mean"] > 0
     assert any(key.startswith("flow_error/") for key in result["errors_last_10_logs"])
     assert torch.get_num_threads() == 1
 
