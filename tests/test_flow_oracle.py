@@ -57,8 +57,10 @@ def test_flow_score_vanishes_without_a_tilt_signal_far_from_data():
     assert score.abs().max() < 1e-3
 
 
-def test_residual_nabla_db_logs_its_errors_against_the_exact_flow_score(tmp_path):
-    run = Run.build(load_config(None, ["model.kind=gmm", "sampler.steps=10", "train.seed=0"]))
+@pytest.mark.parametrize("policy_target", ["tilted_score", "detailed_balance"])
+def test_residual_nabla_db_logs_its_errors_against_the_exact_flow_score(policy_target):
+    overrides = ["model.kind=gmm", "sampler.steps=10", "train.seed=0", f"method.policy_target={policy_target}"]
+    run = Run.build(load_config(None, overrides))
     trajectories = run.rollout(torch.zeros(32, dtype=torch.long), torch.Generator().manual_seed(0))
     _, metrics = run.method.trajectory_loss(trajectories, torch.Generator().manual_seed(1))
     bands = {"k00-01", "k02-03", "k04-05", "k06-07", "k08-09"}

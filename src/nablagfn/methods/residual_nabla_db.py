@@ -238,8 +238,7 @@ class ResidualNablaDB(Method):
             next_index = step + 1
             is_last = (next_index == kernel.num_steps).reshape(-1, *([1] * (x.dim() - 1)))
             final = torch.full_like(step, kernel.num_steps)
-            implied = kernel.mean(x, eps_policy - eps_pretrained, step) - kernel.mean(x, torch.zeros_like(x), step)
-            implied = implied / kernel.variance_like(x, step)
+            implied = (mean_policy - kernel.mean(x, eps_pretrained, step)) / kernel.variance_like(x, step)
             exact_policy = torch.where(
                 is_last, self.forward_looking_score(mean_policy, final, cond, generator),
                 self.exact_flow_score(mean_policy, kernel.timestep_of_state(next_index)),
