@@ -11,7 +11,7 @@ averaged over 10 pairs):
 * ``tilted_eps``: the pretrained sampler run on ε#(x_k) − √(1 − ᾱ_k) ∇ log F̃(x_k): the optimum of
   ``policy_target=tilted_score`` with the exact flow.
 
-    python benchmarks/gmm_flow_oracle.py --cases 0 5 [--steps 50 100]
+    python benchmarks/gmm_flow_oracle.py --cases 0 5 [--steps 50 100] [--samplers pretrained tilted_eps]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, nargs="+", default=[0, 5])
     parser.add_argument("--steps", type=int, nargs="+", default=[50])
+    parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     args = parser.parse_args()
     print("| case | steps | sampler | TV (floor) | energy (mean floor) | energy / mean floor |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -71,7 +72,7 @@ def main() -> None:
             run = build_run(case["config"], [f"sampler.steps={steps}"])
             prior, target = run.backend.mixture, run.exact_target()
             floors = {"target": mean_energy_floor(target), "its prior p": mean_energy_floor(prior)}
-            for kind in SAMPLERS:
+            for kind in args.samplers:
                 samples = sample(run, kind, EVAL_SAMPLES, seed=1)
                 references = [("target", target)] + ([("its prior p", prior)] if kind == "pretrained" else [])
                 for label, reference in references:
