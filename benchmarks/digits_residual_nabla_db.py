@@ -61,7 +61,7 @@ def main() -> None:
         overrides = ["model.kind=digits", f"reward.digit={args.digit}", f"train.seed={seed}", *args.overrides]
         config = load_config(None, overrides)
         run_dir = Path(args.out) / f"seed{seed}"
-        trainer = Trainer(config, run_dir, progress=False)
+        trainer = Trainer.from_config(config, run_dir, progress=False)
         checkpoints = list_checkpoints(run_dir) if run_dir.exists() else []
         if checkpoints and checkpoints[-1].name == f"update_{config.train.updates:07d}":
             load_weights(trainer.run, checkpoints[-1])

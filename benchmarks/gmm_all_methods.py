@@ -55,12 +55,12 @@ def run_method(name: str, seed: int, extra: list[str]) -> dict:
                  "train.eval_every=100000", "train.checkpoint_every=100000", "train.log_every=100", *extra]
     config = load_config(None, overrides)
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(config, workdir, progress=False)
+        trainer = Trainer.from_config(config, workdir, progress=False)
         started = time.perf_counter()
         try:
             trainer.train()
         except NonFiniteLossError:  # a diverged method gets a row saying so, and the other methods still run
-            return {"method": name, "seed": seed, "updates": config.train.updates, "diverged_at": trainer.update,
+            return {"method": name, "seed": seed, "updates": config.train.updates, "diverged_at": trainer.step,
                     "seconds": time.perf_counter() - started, "overrides": overrides}
         seconds = time.perf_counter() - started
     run = trainer.run

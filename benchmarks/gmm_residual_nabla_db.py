@@ -32,7 +32,7 @@ SETTINGS = {
 def run_one(config_path: Path | None, seed: int, updates: int, overrides: list[str], workdir: Path) -> dict:
     config = load_config(config_path, ["model.kind=gmm", f"train.seed={seed}", f"train.updates={updates}", "train.eval_every=250",
                                        "train.eval_samples=8000", "train.checkpoint_every=100000", *overrides])
-    trainer = Trainer(config, workdir, progress=False)
+    trainer = Trainer.from_config(config, workdir, progress=False)
     started = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - started

@@ -150,7 +150,7 @@ def run_case(case: dict, overrides: list[str], updates: int | None, seed: int, t
                     *([f"train.updates={updates}"] if updates else []), *overrides]
         config = load_config(config_path, settings)
         config.train.eval_every = config.train.updates  # one evaluation at the end (and the one at update 0)
-        trainer = Trainer(config, Path(workdir) / "run", progress=False)
+        trainer = Trainer.from_config(config, Path(workdir) / "run", progress=False)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started

@@ -66,7 +66,7 @@ def measure(config: dict, sd_path: str, device: str, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         _trim()
         before = meter.in_use()
-        trainer = Trainer(load_config(None, overrides(config, sd_path, device, extra)), Path(workdir) / "run",
+        trainer = Trainer.from_config(load_config(None, overrides(config, sd_path, device, extra)), Path(workdir) / "run",
                           progress=False)
         _trim()
         built = meter.in_use() - before
@@ -75,7 +75,7 @@ def measure(config: dict, sd_path: str, device: str, extra: list[str]) -> dict:
         frozen = [p for p in trainer.run.backend.parameters() if id(p) not in trained]
         sampling: list[int] = []
         with meter.peak(sampling):
-            trainer._start_epoch()
+            trainer.sample_epoch()
         peaks: list[int] = []
         seconds: list[float] = []
         losses: list[float] = []

@@ -5,7 +5,7 @@ Every figure is measured side by side in one invocation, so they can be compared
 1. **Cost of one update** at the same number of trajectories for every method. The trainer samples an epoch of
    ``train.trajectories_per_epoch`` trajectories (only conditions for the methods that draw their own chains),
    then makes ``trajectories_per_epoch / (batch_size × accumulation)`` updates on it; one whole epoch (sampling +
-   its updates, ``Trainer._start_epoch`` + ``Trainer._one_update``) is timed and divided by its updates. After a
+   its updates, ``Trainer.sample_epoch`` + ``Trainer.update``) is timed and divided by its updates. After a
    warm-up epoch each, the methods take turns, round-robin with a rotating start, for ``--repeats`` epochs; the
    table holds medians, and each method's ratio to residual ∇-DB is the median of the ratios within a round.
 2. **Peak memory of the training step**, in a fresh process per method. CPU: the resident-set high-water mark
@@ -136,7 +136,7 @@ def tiny_sd_pipeline(directory: Path, **options) -> str:
 def make_trainer(model: str, method: str, device: str, extra: list[str], sd_path: str | None, workdir: Path) -> Trainer:
     config = load_config(None, [*model_overrides(model, sd_path), f"method.name={method}", f"train.device={device}",
                                 *extra])
-    return Trainer(config, workdir / method, progress=False)
+    return Trainer.from_config(config, workdir / method, progress=False)
 
 
 def updates_per_epoch(trainer: Trainer) -> int:
@@ -146,17 +146,13 @@ def updates_per_epoch(trainer: Trainer) -> int:
 
 def one_update(trainer: Trainer) -> dict[str, float]:
     """One optimiser update as ``Trainer.train`` makes it (without logging, evaluation or checkpoints); its metrics."""
-    metrics = trainer._one_update()
-    trainer.update += 1
-    if trainer.epoch_position >= len(trainer.shards[0].data):
-        trainer._end_epoch()
-    return metrics
+    return trainer.update()
 
 
 def run_epoch(trainer: Trainer, device: str) -> dict:
     """Sample an epoch and make its updates; seconds of the sampling and of each update."""
     started = clock(device)
-    trainer._start_epoch()
+    trainer.sample_epoch()
     sampled = clock(device)
     updates = []
     while trainer.in_epoch:
@@ -254,7 +250,7 @@ def memory_child(args: argparse.Namespace) -> None:
         built = meter.in_use()
         sampling: list[int] = []
         with meter.peak(sampling):
-            trainer._start_epoch()  # off-policy: the first epoch samples two (D_prev and D_curr)
+            trainer.sample_epoch()  # off-policy: the first epoch samples two (D_prev and D_curr)
         stored = meter.in_use()
         updates: list[int] = []
         while trainer.in_epoch:
@@ -358,7 +354,7 @@ def measure_overhead(trainer: Trainer, repeats: int, device: str) -> dict:
     train = trainer.config.train
     while trainer.in_epoch:  # finish the epoch under way
         one_update(trainer)
-    trainer._start_epoch()
+    trainer.sample_epoch()
     generator = torch.Generator().manual_seed(0)
     shard = trainer.shards[0]  # one process: one shard unless train.data_shards says otherwise
     trajectories = shard.data.select(shard.order[: trainer.shard_batch_size])
@@ -375,13 +371,13 @@ def measure_overhead(trainer: Trainer, repeats: int, device: str) -> dict:
         for p in params:
             p.grad = None
 
-    def update() -> None:  # the trainer's own update, on the epoch's first minibatch(es) every time
-        trainer.epoch_position = 0
-        trainer._one_update()
+    def update() -> None:  # the trainer's own optimiser step, on the epoch's first minibatch(es) every time (the
+        trainer.epoch_position = 0  # public update() moves on through the epoch, which a repeated timing cannot)
+        trainer._optimizer_step()
 
     def rollout() -> None:
         for each in trainer.shards:
-            trainer._sample_epoch(each)
+            trainer._sample_shard(each)  # one shard's rollout, as sample_epoch() draws it
 
     def policy() -> None:
         backend.eps(x, timestep, cond, finetuned=True).square().mean().backward()

@@ -213,7 +213,7 @@ def test_target_is_the_tilted_prior():
 def test_short_gmm_run_raises_the_reward(tmp_path):
     config = load_config(None, [*FAST, "train.trajectories_per_epoch=64", "train.batch_size=32", "train.updates=30",
                                 "train.eval_samples=500", "train.eval_every=1000", "train.on_policy=true"])
-    trainer = Trainer(config, tmp_path, progress=False)
+    trainer = Trainer.from_config(config, tmp_path, progress=False)
     before = trainer.run.evaluate(500)
     after = trainer.train()
     assert after["log_reward_mean"] > before["log_reward_mean"] + 1.0
@@ -230,7 +230,7 @@ def test_tiny_stable_diffusion_training_step(tmp_path):
         "reward.kind=brightness", "sampler.steps=3", AM, "method.beta=100", "train.trajectories_per_epoch=2",
         "train.batch_size=2", "train.updates=1", "train.eval_samples=2",
     ])
-    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(config, tmp_path / "run", progress=False)
     lora_before = {k: v.clone() for k, v in trainer.run.backend.adapter_state_dict().items()}
     metrics = trainer.train()
     assert torch.isfinite(torch.tensor(metrics["log_reward_mean"]))

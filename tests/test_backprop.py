@@ -267,7 +267,7 @@ def test_alignprop_gradient_matches_a_manual_truncated_chain():
 def test_short_gmm_run_raises_the_reward(name, tmp_path, monkeypatch):
     config = load_config(None, [*FAST, f"method.name={name}", "train.trajectories_per_epoch=64", "train.batch_size=32",
                                 "train.updates=30", "train.eval_samples=500", "train.eval_every=1000"])
-    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(config, tmp_path / "run", progress=False)
 
     sample_only = trainer.run.rollout
 
@@ -334,7 +334,7 @@ def test_loss_and_gradient_on_image_models(request, model, name):
 
 @pytest.mark.parametrize("name", ["alignprop", "draft_lv"])
 def test_training_step_on_tiny_stable_diffusion(pipeline_dir, tmp_path, name):
-    trainer = Trainer(load_config(None, sd_overrides(pipeline_dir, name)), tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(load_config(None, sd_overrides(pipeline_dir, name)), tmp_path / "run", progress=False)
     backend = trainer.run.backend
     trainable = {id(p) for p in backend.trainable_parameters()}
     frozen_before = {n: p.detach().clone() for n, p in backend.named_parameters() if id(p) not in trainable}
@@ -347,7 +347,7 @@ def test_training_step_on_tiny_stable_diffusion(pipeline_dir, tmp_path, name):
 
 
 def test_training_step_on_digits(tmp_path):
-    trainer = Trainer(load_config(None, [*DIGITS, "method.name=refl"]), tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(load_config(None, [*DIGITS, "method.name=refl"]), tmp_path / "run", progress=False)
     lora_before = {k: v.clone() for k, v in trainer.run.backend.adapter_state_dict().items()}
     trainer.train()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -16,7 +16,7 @@ TINY = ["model.kind=gmm", "sampler.steps=2", "model.hidden=16", "model.layers=1"
 
 
 def trainer(tmp_path, method: str) -> Trainer:
-    return Trainer(load_config(None, [*TINY, f"method.name={method}"]), tmp_path / method, progress=False)
+    return Trainer.from_config(load_config(None, [*TINY, f"method.name={method}"]), tmp_path / method, progress=False)
 
 
 def test_overhead_breakdown_parts_are_positive_and_the_reference_eps_is_evaluated_once(tmp_path):

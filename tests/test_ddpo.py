@@ -107,7 +107,7 @@ def test_gmm_run_raises_the_reward(tmp_path):
     config = load_config(None, [*FAST, "method.clip_range=0.1", "train.on_policy=true", "train.trajectories_per_epoch=64",
                                 "train.batch_size=32", "train.updates=30", "train.eval_every=30",
                                 "train.eval_samples=500", "train.log_every=1"])
-    final = Trainer(config, tmp_path / "run", progress=False).train()
+    final = Trainer.from_config(config, tmp_path / "run", progress=False).train()
     records = read_metrics(tmp_path / "run")
     start = records[0]["eval/log_reward_mean"]
     assert final["log_reward_mean"] > start + 2.0, (start, final)
@@ -126,7 +126,7 @@ def test_digits_training_step_with_jpeg_reward(tmp_path):
     config = load_config(None, ["model.kind=digits", "method.name=ddpo", "reward.kind=jpeg_compressibility",
                                 "sampler.steps=5", "train.updates=1", "train.trajectories_per_epoch=4",
                                 "train.batch_size=2", "train.eval_samples=4", "train.on_policy=true"])
-    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(config, tmp_path / "run", progress=False)
     before = {k: v.clone() for k, v in trainer.run.backend.adapter_state_dict().items()}
     trainer.train()
     assert adapter_changed(trainer, before)
@@ -140,7 +140,7 @@ def test_stable_diffusion_training_step_with_jpeg_reward(tmp_path):
         "reward.kind=jpeg_compressibility", "sampler.steps=3", "method.name=ddpo", "train.on_policy=true",
         "train.trajectories_per_epoch=2", "train.batch_size=2", "train.updates=1", "train.eval_samples=2",
     ])
-    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(config, tmp_path / "run", progress=False)
     before = {k: v.clone() for k, v in trainer.run.backend.adapter_state_dict().items()}
     trainer.train()
     assert adapter_changed(trainer, before)

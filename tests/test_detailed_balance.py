@@ -269,7 +269,7 @@ def test_digits_training_step_with_jpeg_reward(tmp_path, name):
     config = load_config(None, ["model.kind=digits", f"method.name={name}", "reward.kind=jpeg_compressibility",
                                 "method.beta_ramp=0", "sampler.steps=5", "train.updates=1", "train.trajectories_per_epoch=4",
                                 "train.batch_size=2", "train.eval_samples=4"])
-    assert_training_changes_adapter_and_flow(Trainer(config, tmp_path / "run", progress=False))
+    assert_training_changes_adapter_and_flow(Trainer.from_config(config, tmp_path / "run", progress=False))
     # a gradient method refuses the same reward
     with pytest.raises(ConfigError, match="not differentiable"):
         Run.build(load_config(None, ["model.kind=digits", "reward.kind=jpeg_compressibility"]))
@@ -291,7 +291,7 @@ def test_stable_diffusion_training_step(tiny_sd_pipeline, tmp_path_factory, name
         "reward.kind=brightness", "sampler.steps=3", f"method.name={name}", "method.beta=100", "method.beta_ramp=0",
         "train.trajectories_per_epoch=2", "train.batch_size=2", "train.updates=1", "train.eval_samples=2",
     ])
-    assert_training_changes_adapter_and_flow(Trainer(config, tmp_path_factory.mktemp("run"), progress=False))
+    assert_training_changes_adapter_and_flow(Trainer.from_config(config, tmp_path_factory.mktemp("run"), progress=False))
 
 
 @pytest.mark.parametrize("name", ["residual_db", "dag_db"])
@@ -299,6 +299,6 @@ def test_short_gmm_run_raises_the_reward(tmp_path, name):
     config = load_config(None, [*FAST, f"method.name={name}", "train.trajectories_per_epoch=64", "train.batch_size=32",
                                 "train.updates=30", "train.eval_samples=500", "train.eval_every=30",
                                 "train.policy_optimizer.lr=3e-3", "train.flow_optimizer.lr=3e-3"])
-    final = Trainer(config, tmp_path / "run", progress=False).train()
+    final = Trainer.from_config(config, tmp_path / "run", progress=False).train()
     start = metrics_of(tmp_path / "run")[0]["eval/log_reward_mean"]
     assert math.isfinite(final["log_reward_mean"]) and final["log_reward_mean"] > start + 1.0, (start, final)

@@ -93,11 +93,11 @@ def test_shards_in_one_process_differ_from_one_shard_and_are_resolved(tmp_path):
     """data_shards is part of the run (its own random streams); None resolves to the number of processes and is
     saved, so a resume keeps it."""
     base = [s for s in SMALL if not s.startswith("train.data_shards")] + ["train.updates=2"]
-    default = Trainer(load_config(None, base), tmp_path / "a", progress=False)
+    default = Trainer.from_config(load_config(None, base), tmp_path / "a", progress=False)
     assert default.config.train.data_shards == 1 and len(default.shards) == 1
     default.train()
     assert "data_shards: 1" in (tmp_path / "a" / "config.yaml").read_text()
-    sharded = Trainer(load_config(None, [*base, "train.data_shards=2"]), tmp_path / "b", progress=False)
+    sharded = Trainer.from_config(load_config(None, [*base, "train.data_shards=2"]), tmp_path / "b", progress=False)
     assert [s.index for s in sharded.shards] == [0, 1]
     sharded.train()
     a, b = default.run.backend.adapter_state_dict(), sharded.run.backend.adapter_state_dict()

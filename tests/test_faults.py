@@ -105,7 +105,7 @@ def trained(tmp_path_factory) -> Path:
     """A finished 4-update run with checkpoints at updates 2 and 4."""
     run_dir = tmp_path_factory.mktemp("faults") / "run"
     config = load_config(None, [*SMALL, "train.updates=4", "train.checkpoint_every=2"])
-    Trainer(config, run_dir, progress=False).train()
+    Trainer.from_config(config, run_dir, progress=False).train()
     assert [p.name for p in list_checkpoints(run_dir)] == ["update_0000002", "update_0000004"]
     return run_dir
 
@@ -156,11 +156,11 @@ def test_unreadable_checkpoint_is_a_checkpoint_error_in_the_api(trained, tmp_pat
     _damage(latest / "optimizers.safetensors", "truncated")
     config = load_config(run_dir / "config.yaml")
     with pytest.raises(CheckpointError, match=r"optimizers\.safetensors.*unreadable"):
-        Trainer(config, run_dir, progress=False).train(resume=True)
+        Trainer.from_config(config, run_dir, progress=False).train(resume=True)
     shutil.copy(list_checkpoints(trained)[-1] / "optimizers.safetensors", latest)
     (latest / "state.json").write_text('{"update": 4}')  # valid JSON, but not a checkpoint's state
     with pytest.raises(CheckpointError, match=r"state\.json"):
-        Trainer(config, run_dir, progress=False).train(resume=True)
+        Trainer.from_config(config, run_dir, progress=False).train(resume=True)
 
 
 @pytest.mark.parametrize("how", DAMAGE)
@@ -203,7 +203,7 @@ def test_resume_after_a_cut_metrics_line(trained, tmp_path):
     with (run_dir / "metrics.jsonl").open("a") as handle:
         handle.write('{"update": 5, "loss": 0.1')  # the start of a record, cut short
     config = load_config(run_dir / "config.yaml")
-    Trainer(config.model_copy(update={"train": config.train.model_copy(update={"updates": 6})}), run_dir,
+    Trainer.from_config(config.model_copy(update={"train": config.train.model_copy(update={"updates": 6})}), run_dir,
             progress=False).train(resume=True)
     assert [r["update"] for r in training_records(run_dir)] == list(range(1, 7))
 
@@ -268,7 +268,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
     monkeypatch.setattr(checkpoint_module, "save_file", failing)
     run_dir = tmp_path / "run"
     with pytest.raises(OSError) as error:
-        Trainer(config, run_dir, progress=False).train()
+        Trainer.from_config(config, run_dir, progress=False).train()
     assert error.value.errno == errno.ENOSPC
     # the previous checkpoint is intact and nothing half-written looks like a checkpoint
     assert [p.name for p in list_checkpoints(run_dir)] == ["update_0000003"]
@@ -278,8 +278,8 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
     json.loads((previous / "state.json").read_text())
     # once there is space again, resuming from it ends exactly where an uninterrupted run ends
     monkeypatch.setattr(checkpoint_module, "save_file", failing.save_file)
-    Trainer(config, run_dir, progress=False).train(resume=True)
-    Trainer(config, tmp_path / "reference", progress=False).train()
+    Trainer.from_config(config, run_dir, progress=False).train(resume=True)
+    Trainer.from_config(config, tmp_path / "reference", progress=False).train()
     final, reference = list_checkpoints(run_dir)[-1], list_checkpoints(tmp_path / "reference")[-1]
     assert final.name == reference.name == "update_0000006"
     assert model_tensors_equal(load_model_tensors(final), load_model_tensors(reference))
@@ -290,7 +290,7 @@ def test_disk_full_leaves_no_staging_directory(tmp_path, monkeypatch):
     config = load_config(None, [*SMALL, "train.updates=6", "train.checkpoint_every=3"])
     monkeypatch.setattr(checkpoint_module, "save_file", DiskFull(checkpoint_module.save_file, 2))
     with pytest.raises(OSError):
-        Trainer(config, tmp_path, progress=False).train()
+        Trainer.from_config(config, tmp_path, progress=False).train()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["update_0000003"]
 
 
@@ -315,8 +315,8 @@ def poison_reward(monkeypatch, poisoned) -> None:
 
 def test_nan_reward_skips_the_update_without_touching_the_weights(tmp_path, monkeypatch):
     config = load_config(None, [*SMALL, "train.updates=6", "train.checkpoint_every=1", "train.keep_checkpoints=10"])
-    trainer = Trainer(config, tmp_path, progress=False)
-    poison_reward(monkeypatch, lambda: trainer.update in (2, 3))  # during updates 3 and 4
+    trainer = Trainer.from_config(config, tmp_path, progress=False)
+    poison_reward(monkeypatch, lambda: trainer.step in (2, 3))  # during updates 3 and 4
     trainer.train()
 
     log = training_records(tmp_path)
@@ -342,8 +342,8 @@ def test_nan_reward_skips_the_update_without_touching_the_weights(tmp_path, monk
 
 def test_nan_every_time_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
     config = load_config(None, [*SMALL, "train.updates=12", "train.checkpoint_every=3", "train.max_nonfinite_updates=3"])
-    trainer = Trainer(config, tmp_path, progress=False)
-    poison_reward(monkeypatch, lambda: trainer.update >= 3)  # from update 4 on
+    trainer = Trainer.from_config(config, tmp_path, progress=False)
+    poison_reward(monkeypatch, lambda: trainer.step >= 3)  # from update 4 on
     with pytest.raises(NonFiniteLossError) as error:
         trainer.train()
     message = str(error.value)

@@ -156,7 +156,7 @@ def test_empty_accepted_set_gives_a_zero_loss_and_a_clean_update(tmp_path):
     assert loss.item() == 0 and metrics["graft/accept_rate"] == 0
     loss.backward()
     assert all(p.grad is None for p in run.backend.trainable_parameters())
-    trainer = Trainer(load_config(None, overrides), tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(load_config(None, overrides), tmp_path / "run", progress=False)
     before = {k: v.clone() for k, v in trainer.run.backend.adapter_state_dict().items()}
     trainer.train()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -168,7 +168,7 @@ def test_empty_accepted_set_gives_a_zero_loss_and_a_clean_update(tmp_path):
 def test_trainer_rolls_out_epochs_only_for_the_current_proposal(tmp_path, monkeypatch, proposal, records):
     overrides = [*FAST, "method.name=graft", f"method.proposal={proposal}", "train.trajectories_per_epoch=16",
                  "train.batch_size=16", "train.updates=2", "train.eval_samples=50"]
-    trainer = Trainer(load_config(None, overrides), tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(load_config(None, overrides), tmp_path / "run", progress=False)
     recorded = []
     sample = trainer.run.rollout
 
@@ -187,7 +187,7 @@ def gmm_run(tmp_path, *overrides: str) -> tuple[dict, dict]:
     config = load_config(None, [*FAST, *overrides, "train.trajectories_per_epoch=64", "train.batch_size=32",
                                 "train.updates=40", "train.eval_every=40", "train.eval_samples=500",
                                 "train.policy_optimizer.lr=1e-2"])
-    final = Trainer(config, tmp_path, progress=False).train()
+    final = Trainer.from_config(config, tmp_path, progress=False).train()
     start = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     return {k.removeprefix("eval/"): v for k, v in start.items()}, final
 
@@ -209,7 +209,7 @@ def test_digits_training_step_with_jpeg_reward(tmp_path, name):
     config = load_config(None, ["model.kind=digits", f"method.name={name}", "reward.kind=jpeg_compressibility",
                                 "method.selection=top_k", "sampler.steps=5", "train.updates=1",
                                 "train.trajectories_per_epoch=4", "train.batch_size=2", "train.eval_samples=4"])
-    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(config, tmp_path / "run", progress=False)
     before = {k: v.clone() for k, v in trainer.run.backend.adapter_state_dict().items()}
     trainer.train()
     after = trainer.run.backend.adapter_state_dict()
@@ -227,7 +227,7 @@ def test_stable_diffusion_training_step_with_jpeg_reward(tmp_path_factory, name)
         "reward.kind=jpeg_compressibility", "sampler.steps=3", f"method.name={name}", "method.selection=top_k",
         "train.trajectories_per_epoch=2", "train.batch_size=2", "train.updates=1", "train.eval_samples=2",
     ])
-    trainer = Trainer(config, run_dir, progress=False)
+    trainer = Trainer.from_config(config, run_dir, progress=False)
     before = {k: v.clone() for k, v in trainer.run.backend.adapter_state_dict().items()}
     trainer.train()
     after = trainer.run.backend.adapter_state_dict()

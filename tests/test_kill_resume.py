@@ -1,7 +1,7 @@
 """A training process killed with SIGKILL and resumed ends exactly where an uninterrupted run ends (CPU, bitwise).
 
 Black-box: the killed run and its resumption go through ``python -m nablagfn train``, the uninterrupted reference
-through ``Trainer(config, run_dir).train()`` (what the command runs), and only the files of the run directories are
+through ``Trainer.from_config(config, run_dir).train()`` (what the command runs), and only the files of the run directories are
 compared (``metrics.jsonl``, ``checkpoints/update_*/model.safetensors``), so the test holds whatever the trainer's
 internals and the rest of the checkpoint layout become.
 """
@@ -132,7 +132,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     victim = _train("--out", str(killed), *CONFIG)
     # meanwhile, the uninterrupted run of the same config, in this process (as `nablagfn train` runs it)
-    uninterrupted = _in_background(lambda: Trainer(load_config(None, CONFIG), reference, progress=False).train())
+    uninterrupted = _in_background(lambda: Trainer.from_config(load_config(None, CONFIG), reference, progress=False).train())
     try:
         last_logged = _kill_after_a_checkpoint(victim, killed)
     finally:

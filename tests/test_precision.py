@@ -58,7 +58,7 @@ def test_bf16_base_weights_train_with_fp32_trainables_reward_and_optimizer_state
                                                                                   method):
     config = load_config(None, settings(pipeline_dir, "model.dtype=bf16", "reward.kind=clip",
                                         f"reward.model={clip_dir}", *method))
-    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(config, tmp_path / "run", progress=False)
     run, backend = trainer.run, trainer.run.backend
     assert set(trainer.parameter_groups) == {"policy", "flow"}
     trained = {id(p) for p in trainable(trainer)}

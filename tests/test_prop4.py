@@ -16,7 +16,7 @@ from nablagfn.train.trainer import Trainer
 def test_residual_nabla_db_reaches_exact_tilted_target(tmp_path):
     torch.set_num_threads(2)
     config = load_config(None, ["model.kind=gmm", "train.eval_every=100000", "train.checkpoint_every=100000", "train.log_every=100"])
-    trainer = Trainer(config, tmp_path, progress=False)
+    trainer = Trainer.from_config(config, tmp_path, progress=False)
     before = trainer.run.evaluate(8000, seed=7)
     assert before["mode_tv"] > 0.5
     after = trainer.train()

@@ -57,7 +57,7 @@ def assert_same_state(a: Trainer, b: Trainer) -> None:
         for index in state_a:
             for key, value in state_a[index].items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[index][key])), (group, index, key)
-    assert a.update == b.update and a.epoch == b.epoch
+    assert a.step == b.step and a.epoch == b.epoch
     for shard_a, shard_b in zip(a.shards, b.shards, strict=True):
         assert torch.equal(shard_a.generator.get_state(), shard_b.generator.get_state())
 
@@ -85,10 +85,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, extra, checkpoint_every, 
     config = load_config(None, [*BASE, f"train.checkpoint_every={checkpoint_every}", *extra])
     assert config.train.lr_schedule == "cosine"
 
-    a = Trainer(config, tmp_path / "a", progress=False)
+    a = Trainer.from_config(config, tmp_path / "a", progress=False)
     a.train()
 
-    b = Trainer(config, tmp_path / "b", progress=False)
+    b = Trainer.from_config(config, tmp_path / "b", progress=False)
     interrupt_after(b, stop_at)
     with pytest.raises(Interrupted):
         b.train()
@@ -96,7 +96,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, extra, checkpoint_every, 
     assert list_checkpoints(tmp_path / "b")[-1].name == f"update_{last:07d}"
     assert max(r["update"] for r in training_records(tmp_path / "b")) == stop_at  # logged past the checkpoint
 
-    resumed = Trainer(config, tmp_path / "b", progress=False)
+    resumed = Trainer.from_config(config, tmp_path / "b", progress=False)
     resumed.train(resume=True)
     assert_same_state(a, resumed)
 
@@ -119,10 +119,10 @@ def test_extending_a_finished_run_with_constant_lr(tmp_path):
     one_per_epoch = [*BASE, "train.trajectories_per_epoch=16", "train.checkpoint_every=3", "train.lr_schedule=constant"]
     six = load_config(None, one_per_epoch)
     three = load_config(None, [*one_per_epoch, "train.updates=3"])
-    a = Trainer(six, tmp_path / "a", progress=False)
+    a = Trainer.from_config(six, tmp_path / "a", progress=False)
     a.train()
-    Trainer(three, tmp_path / "b", progress=False).train()
-    resumed = Trainer(six, tmp_path / "b", progress=False)
+    Trainer.from_config(three, tmp_path / "b", progress=False).train()
+    resumed = Trainer.from_config(six, tmp_path / "b", progress=False)
     resumed.train(resume=True)
     assert_same_state(a, resumed)
     assert [r["update"] for r in training_records(tmp_path / "b")] == list(range(1, 7))
@@ -131,12 +131,12 @@ def test_extending_a_finished_run_with_constant_lr(tmp_path):
 def test_resume_without_checkpoint_fails(tmp_path):
     config = load_config(None, [*BASE, "train.checkpoint_every=3"])
     with pytest.raises(FileNotFoundError):
-        Trainer(config, tmp_path / "empty", progress=False).train(resume=True)
+        Trainer.from_config(config, tmp_path / "empty", progress=False).train(resume=True)
 
 
 def test_training_changes_the_policy_and_keeps_checkpoints(tmp_path):
     config = load_config(None, [*BASE, "train.checkpoint_every=2", "train.keep_checkpoints=2"])
-    trainer = Trainer(config, tmp_path, progress=False)
+    trainer = Trainer.from_config(config, tmp_path, progress=False)
     trainer.train()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["update_0000004", "update_0000006"]
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
@@ -147,7 +147,7 @@ def test_training_changes_the_policy_and_keeps_checkpoints(tmp_path):
 def test_checkpoint_can_be_written_mid_epoch(tmp_path):
     """With 2 updates per epoch the checkpoint after update 1 is mid-epoch (the epoch's data is not saved twice)."""
     config = load_config(None, [*BASE, "train.updates=1", "train.checkpoint_every=1"])
-    Trainer(config, tmp_path, progress=False).train()
+    Trainer.from_config(config, tmp_path, progress=False).train()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["update_0000001"]
 
 
@@ -156,9 +156,9 @@ def test_wall_time_accumulates_across_resume_and_final_metrics_are_not_recompute
                                 "train.trajectories_per_epoch=16"])
     three = load_config(None, [*BASE, "train.checkpoint_every=3", "train.lr_schedule=constant",
                                "train.trajectories_per_epoch=16", "train.updates=3"])
-    Trainer(three, tmp_path, progress=False).train()
+    Trainer.from_config(three, tmp_path, progress=False).train()
     first = [r for r in training_records(tmp_path) if r["update"] == 3][0]["time"]
-    resumed = Trainer(config, tmp_path, progress=False)
+    resumed = Trainer.from_config(config, tmp_path, progress=False)
     final = resumed.train(resume=True)
     times = [r["time"] for r in training_records(tmp_path)]
     assert times == sorted(times) and times[-1] > first > 0

@@ -242,7 +242,7 @@ TRAIN = (
 
 def test_training_step_changes_adapter_and_flow_only_and_reloads(pipeline_dir, tmp_path):
     config = load_config(None, overrides(pipeline_dir, *TRAIN))
-    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(config, tmp_path / "run", progress=False)
     backend = trainer.run.backend
     base_before = base_weights(backend)
     lora_before = {k: v.clone() for k, v in backend.adapter_state_dict().items()}
@@ -380,7 +380,7 @@ def test_text_image_reward_scores_each_sample_with_its_own_prompt(pipeline_dir, 
     _save_tokenizer(clip_dir)
     _save_preprocessor(clip_dir)
     config = load_config(None, [*overrides(pipeline_dir, *TRAIN), "reward.kind=clip", f"reward.model={clip_dir}"])
-    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer.from_config(config, tmp_path / "run", progress=False)
     run = trainer.run
     assert run.reward.prompts == run.backend.prompts and len(run.backend.prompts) == 45
     metrics = trainer.train()

@@ -18,7 +18,7 @@ def test_tensorboard_gets_the_metrics_and_a_sample_grid_and_resume_purges(tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = load_config(None, [*DIGITS, "train.trackers=[tensorboard]", "train.checkpoint_every=1"])
-    Trainer(config, tmp_path, progress=False).train()
+    Trainer.from_config(config, tmp_path, progress=False).train()
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert {"loss", "eval/log_reward_mean", "eval/class_accuracy", "sample/log_reward_mean"} <= set(
@@ -29,7 +29,7 @@ def test_tensorboard_gets_the_metrics_and_a_sample_grid_and_resume_purges(tmp_pa
 
     # resume from update 1: the events logged after it are dropped and logged again, once
     (tmp_path / "checkpoints" / "update_0000002").rename(tmp_path / "checkpoints" / ".gone")
-    Trainer(config, tmp_path, progress=False).train(resume=True)
+    Trainer.from_config(config, tmp_path, progress=False).train(resume=True)
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
@@ -39,7 +39,7 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = load_config(None, [*DIGITS, "train.trackers=[wandb]", "train.project=test"])
-    Trainer(config, tmp_path, progress=False).train()
+    Trainer.from_config(config, tmp_path, progress=False).train()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
@@ -51,7 +51,7 @@ def test_missing_tracker_package_is_named(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match="train.trackers.*wandb.*pip install wandb"):
-        Trainer(load_config(None, [*DIGITS, "train.trackers=[wandb]"]), tmp_path, progress=False)
+        Trainer.from_config(load_config(None, [*DIGITS, "train.trackers=[wandb]"]), tmp_path, progress=False)
 
 
 def test_unknown_tracker_is_refused():

@@ -17,48 +17,44 @@ def _run_dir(out: str | None) -> Path:
 
 def _load_run(run_dir: Path, checkpoint: str | None = None):
     """A run rebuilt from RUN_DIR/config.yaml with the weights of its latest (or given) checkpoint."""
-    from .config import load_config
-    from .train.checkpoint import list_checkpoints
-    from .train.run import Run
-    from .train.trainer import load_weights
+    from .train.run import load_run
 
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    run = Run.build(load_config(config_path))
-    if checkpoint:
-        path = Path(checkpoint)
-    else:
-        checkpoints = list_checkpoints(run_dir)
-        if not checkpoints:
-            raise ConfigError(f"{run_dir} has no checkpoint yet (nothing under {run_dir / 'checkpoints'})")
-        path = checkpoints[-1]
-    load_weights(run, path)
+    run = load_run(run_dir, checkpoint)
     run.progress = True
-    return run, path
+    return run, run.checkpoint
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:
     return "\n".join(f"  {key:24s} {value:.4f}" for key, value in metrics.items())
 
 
+#: keys ``--resume RUN key=value`` may change: they do not touch what was trained so far
+RESUME_KEYS = ("train.updates", "train.log_every", "train.eval_every", "train.eval_samples", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.trackers", "train.device")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, parse_override
     from .train.trainer import Trainer
 
     if args.resume:
-        if args.config or args.overrides:
-            raise ConfigError("--resume continues a run with its saved config; drop --config and overrides")
+        if args.config:
+            raise ConfigError("--resume continues a run with its saved config; drop --config")
+        for override in args.overrides:
+            key = ".".join(parse_override(override)[0])
+            if key not in RESUME_KEYS:
+                raise ConfigError(f"--resume: {key} cannot change in a run under way (it would rewrite its history); "
+                                  f"the keys that can: {', '.join(RESUME_KEYS)}")
         run_dir = Path(args.resume)
-        config = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-        if config is None:
+        if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+        config = load_config(run_dir / "config.yaml", args.overrides)
     else:
         config = load_config(args.config, args.overrides)
         run_dir = _run_dir(args.out)
         if (run_dir / "checkpoints").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-    trainer = Trainer(config, run_dir, progress=not args.no_progress)
+    trainer = Trainer.from_config(config, run_dir, progress=not args.no_progress)
     processes = trainer.processes
     if not processes.is_main:  # one process writes the run directory and prints
         trainer.train(resume=bool(args.resume))
@@ -67,77 +63,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if processes.world_size > 1:
         print(f"training processes: {processes.world_size}, data shards: {trainer.config.train.data_shards}")
     metrics = trainer.train(resume=bool(args.resume))
-    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
-    _write_run_figures(trainer.run, run_dir)
+    for name, path in trainer.outputs.items():
+        if name != "eval.json":
+            print(f"{name.removesuffix('.png')} figure: {path}")
     print("final metrics (finetuned):")
     print(_format_metrics(metrics))
     return 0
-
-
-def _write_run_figures(run, run_dir: Path) -> None:
-    if len(run.backend.sample_shape) == 1:
-        _write_vector_figures(run, run_dir)
-    else:
-        _write_image_figures(run, run_dir)
-    from .viz import plot_training_curves
-
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    keys = ["eval/log_reward_mean", "sample/log_reward_mean", "eval/mode_tv", "eval/class_accuracy",
-            "eval/fd_to_class", "eval/diversity", "eval/fid_to_pretrained", "loss"]
-    path = plot_training_curves(records, run_dir / "curves.png", keys)
-    if path:
-        print(f"training curves: {path}")
-
-
-def _figure_title(run) -> str:
-    """The method's name, with its β where it has one (the reward maximisers have none)."""
-    beta = getattr(run.config.method, "beta", None)
-    return run.config.method.name if beta is None else f"{run.config.method.name}, β={beta:g}"
-
-
-def _write_vector_figures(run, run_dir: Path) -> None:
-    import torch
-
-    from .viz import plot_vector_samples
-
-    target = run.exact_target()
-    num = 4000
-    panels = {
-        "pretrained": run.sample(num, seed=0, finetuned=False),
-        "finetuned": run.sample(num, seed=0, finetuned=True),
-    }
-    if target is not None:
-        from .eval.gmm import mode_weight_tv
-
-        exact = target.sample(num, torch.Generator().manual_seed(0))
-        reference = target.sample(200_000, torch.Generator().manual_seed(1))
-        panels = {
-            f"{name} (mode TV {mode_weight_tv(points, reference, run.backend.mixture):.3f})": points
-            for name, points in panels.items()
-        }
-        panels["exact target"] = exact
-    path = plot_vector_samples(panels, run_dir / "samples.png", _figure_title(run))
-    print(f"samples figure: {path}")
-
-
-def _write_image_figures(run, run_dir: Path, num: int = 64) -> None:
-    """Pretrained vs finetuned images from the same seeds (and real digits of the class, when there is one)."""
-    from .rewards.classifier import ClassifierReward
-    from .viz import plot_image_grids
-
-    panels = {}
-    for name, finetuned in (("pretrained", False), ("finetuned", True)):
-        states, cond = run.sample_with_conditions(num, seed=0, finetuned=finetuned)
-        images = run.decode(states)
-        log_reward = run.reward.log_reward(images, cond).mean().item()
-        panels[f"{name} (mean log R {log_reward:.2f})"] = images
-    if isinstance(run.reward, ClassifierReward):
-        from .backends.digits import load_digits_dataset
-
-        data, labels = load_digits_dataset()
-        panels[f"real digits of class {run.reward.digit}"] = data[labels == run.reward.digit][:num]
-    path = plot_image_grids(panels, run_dir / "samples.png", f"{_figure_title(run)}, same seeds")
-    print(f"samples figure: {path}")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

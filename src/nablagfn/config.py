@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from .config_base import StrictConfig as _Strict
 from .errors import ConfigError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from .rewards.python import PythonRewardConfig
 
 
 def _ring(modes: int = 8, radius: float = 3.0) -> list[list[float]]:
@@ -97,7 +95,7 @@ class DigitsModelConfig(_Strict):
 class PromptsConfig(_Strict):
     """Where prompts come from: ``animals`` (45 built-in names) or a file (.txt one per line, .json list, .csv)."""
 
-    source: str = "animals"
+    source: str | list[str] = Field("animals", description="animals, a prompt file, or the prompts themselves (a list)")
     column: str = Field("prompt", description="CSV column holding the prompt")
     held_out: float = Field(0.0, ge=0, lt=1, description="fraction of prompts kept for evaluation only")
     seed: int = Field(0, description="seed of the held-out split")
@@ -588,6 +586,7 @@ RewardConfig = Annotated[
         PickScoreRewardConfig,
         ClipScoreRewardConfig,
         JpegRewardConfig,
+        PythonRewardConfig,
     ],
     Field(discriminator="kind"),
 ]
@@ -612,6 +611,10 @@ MethodConfig = Annotated[
 
 class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=DigitsModelConfig)
+    handed_over: list[Literal["model", "reward"]] = Field(
+        default_factory=list, description="parts given to the trainer in Python that this config describes only as "
+        "far as it can (a pipeline in memory, a reward defined in a script): loading the run again needs them"
+    )
     reward: RewardConfig = Field(default_factory=ClassifierRewardConfig)
     method: MethodConfig = Field(default_factory=ResidualNablaDBConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
@@ -628,7 +631,7 @@ class RunConfig(_Strict):
             if len(vector) != self.model.dim:
                 key = "reward.center" if reward == "gaussian" else "reward.direction"
                 raise ValueError(f"{key}: has {len(vector)} entries but the model's states have {self.model.dim}")
-        elif model == "gmm":
+        elif model == "gmm" and reward != "python":
             raise ValueError(f"reward.kind: {reward!r} is an image reward; model.kind=gmm needs gaussian or linear")
         if reward == "classifier" and model != "digits":
             raise ValueError("reward.kind: 'classifier' is the digits classifier; it needs model.kind=digits")
@@ -639,7 +642,7 @@ class RunConfig(_Strict):
             raise ValueError(f"eval.features: {features!r} is for the 8×8 digits; it needs model.kind=digits")
         if features in ("dreamsim", "inception") and self.eval.features_path is None:
             raise ValueError(f"eval.features_path: eval.features={features} needs its local weights (docs/config.md)")
-        problem = _reward_gradient_problem(self.method.name, reward)
+        problem = _reward_gradient_problem(self.method.name, self.reward)
         if problem:
             raise ValueError(problem)
         return self
@@ -648,21 +651,24 @@ class RunConfig(_Strict):
 VECTOR_REWARDS = ("gaussian", "linear")
 
 
-def _reward_gradient_problem(method: str, reward: str) -> str | None:
-    """Why ``method`` cannot use ``reward`` (it needs ∇ log R and the reward has none), or None. Read from the
-    classes without building anything, so the error comes before any model is loaded."""
+def _reward_gradient_problem(method: str, reward) -> str | None:
+    """Why ``method`` cannot use the reward of config ``reward`` (it needs ∇ log R and the reward has none), or
+    None. Read from the classes without building anything, so the error comes before any model is loaded."""
     from importlib import import_module
 
     from .methods import METHODS, method_class
     from .rewards import REWARDS
 
-    if method not in METHODS or reward not in REWARDS or not method_class(method).needs_reward_gradient:
+    if method not in METHODS or reward.kind not in REWARDS or not method_class(method).needs_reward_gradient:
         return None
-    module, name = REWARDS[reward].split(":")
-    if getattr(import_module(f".rewards.{module}", __package__), name).differentiable:
+    differentiable = getattr(reward, "differentiable", None)  # rewards that say so in their config
+    if differentiable is None:
+        module, name = REWARDS[reward.kind].split(":")
+        differentiable = getattr(import_module(f".rewards.{module}", __package__), name).differentiable
+    if differentiable:
         return None
     free = [m for m in METHODS if not method_class(m).needs_reward_gradient]
-    return (f"method.name: {method} needs reward gradients, but reward.kind={reward} is not differentiable; "
+    return (f"method.name: {method} needs reward gradients, but reward.kind={reward.kind} is not differentiable; "
             f"choose a method without reward gradients ({', '.join(free)}) or a differentiable reward")
 
 
@@ -680,7 +686,7 @@ def _tag_values(union: Any) -> set[str]:
 _TAG_VALUES = _tag_values(ModelConfig) | _tag_values(RewardConfig) | _tag_values(MethodConfig)
 
 
-def _format_validation_error(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-after"))
@@ -809,7 +815,7 @@ def validate_config(tree: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error)) from None
+        raise ConfigError(format_validation_error(error)) from None
 
 
 def dump_config(config: RunConfig) -> str:

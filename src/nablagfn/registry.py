@@ -7,8 +7,11 @@ from typing import Any
 
 
 def build_from_registry(registry: dict[str, str], package: str, key: str, config: Any) -> Any:
-    """``registry`` maps kind → "module:Class" (modules relative to ``package``); calls ``Class.from_config(config)``."""
+    """``registry`` maps kind → "module:Class" (modules relative to ``package``); calls ``Class.from_config(config)``
+    and records ``config`` on the result as ``.config``."""
     if config.kind not in registry:
         raise ValueError(f"unknown {key} {config.kind!r}")
     module_name, class_name = registry[config.kind].split(":")
-    return getattr(import_module(f".{module_name}", package), class_name).from_config(config)
+    built = getattr(import_module(f".{module_name}", package), class_name).from_config(config)
+    built.config = config  # what rebuilds it (recorded in a run's config.yaml)
+    return built

@@ -72,11 +72,15 @@ def plot_image_grids(
     return path
 
 
-def plot_training_curves(records: list[dict], path: Path, keys: list[str]) -> Path | None:
-    """One panel per metric key found in the run's metrics.jsonl records, against the update number."""
+def plot_training_curves(records: list[dict], path: Path, keys: list[str],
+                         references: dict[str, tuple[float, str]] | None = None) -> Path | None:
+    """One panel per metric key found in the run's metrics.jsonl records, against the update number. Each ``eval/``
+    panel also draws its value at update 0 (the pretrained model) as a dotted line, and ``references`` (key →
+    (value, label)) as dashed lines."""
     present = [key for key in keys if any(key in record for record in records)]
     if not present:
         return None
+    references = references or {}
     columns = min(3, len(present))
     rows = -(-len(present) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
@@ -85,6 +89,14 @@ def plot_training_curves(records: list[dict], path: Path, keys: list[str]) -> Pa
     for axis, key in zip(axes.flat, present):
         points = [(record["update"], record[key]) for record in records if key in record]
         axis.plot([u for u, _ in points], [v for _, v in points], marker="o" if len(points) < 30 else None)
+        start = [value for update, value in points if update == 0]
+        if key.startswith("eval/") and start and len(points) > 1:
+            axis.axhline(start[0], color="gray", linestyle=":", linewidth=1, label="pretrained (update 0)")
+        if key in references:
+            value, label = references[key]
+            axis.axhline(value, color="tab:green", linestyle="--", linewidth=1, label=label)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
         axis.set_xlabel("update")
         axis.set_title(key, fontsize=10)
         axis.grid(alpha=0.3)

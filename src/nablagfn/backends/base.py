@@ -24,6 +24,16 @@ class Backend(nn.Module, ABC):
     prompts: list[str] = []
     #: most trajectories sampled (or samples decoded and rewarded) in one batch
     sample_batch_size: int = 4096
+    #: the model config this backend was built from (``build_backend``), which rebuilds it; None: made in Python
+    config = None
+
+    def describe(self):
+        """A model config describing this backend as far as one can (for a run's ``config.yaml`` when the backend
+        was made in Python rather than from a config)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no config: build it with build_backend(config), or give it a describe() "
+            "returning its model config"
+        )
 
     @property
     def device(self) -> torch.device:

@@ -105,6 +105,7 @@ class DigitsBackend(Backend):
 
     def __init__(self, unet: DigitsUNet, lora_rank: int = 8, lora_alpha: float | None = None):
         super().__init__()
+        self._lora = (lora_rank, lora_alpha)
         self.schedule = digits_schedule()
         self.sample_shape = DIGITS_SHAPE
         unet.requires_grad_(False)
@@ -113,6 +114,20 @@ class DigitsBackend(Backend):
     @classmethod
     def from_config(cls, config) -> "DigitsBackend":
         return cls(load_digits_unet(config.weights), config.lora_rank, config.lora_alpha)
+
+    @classmethod
+    def pretrained(cls, lora_rank: int = 8, lora_alpha: float | None = None) -> "DigitsBackend":
+        """The shipped digits model with a fresh LoRA adapter (what ``model.kind=digits`` builds)."""
+        from ..config import DigitsModelConfig
+        from . import build_backend
+
+        return build_backend(DigitsModelConfig(lora_rank=lora_rank, lora_alpha=lora_alpha))
+
+    def describe(self):
+        """The LoRA settings (the UNet's weights are not recorded: the run is handed over)."""
+        from ..config import DigitsModelConfig
+
+        return DigitsModelConfig(lora_rank=self._lora[0], lora_alpha=self._lora[1])
 
     def eps(self, x: Tensor, timestep: Tensor, cond: Tensor, finetuned: bool = True) -> Tensor:
         if finetuned:

@@ -100,6 +100,15 @@ class GaussianMixtureBackend(Backend):
         mixture = GaussianMixture(config.means, config.stds, config.weights or [1.0] * len(config.means))
         return cls(mixture, schedule, config.hidden, config.layers)
 
+    def describe(self):
+        """The mixture and the residual network's size (the schedule is not recorded: the run is handed over)."""
+        from ..config import GMMModelConfig
+
+        return GMMModelConfig(
+            means=self.mixture.means.tolist(), stds=self.mixture.stds.tolist(), weights=self.mixture.weights.tolist(),
+            hidden=self._hidden, layers=self._layers,
+        )
+
     def pretrained_eps(self, x: Tensor, timestep: Tensor) -> Tensor:
         abar = self.schedule.alphas_cumprod[timestep.cpu()].to(torch.float64)
         eps = -(1 - abar).sqrt()[:, None].to(x.device) * self.mixture.score(x.cpu(), abar).to(x.device)

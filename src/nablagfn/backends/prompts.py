@@ -3,6 +3,7 @@
 Sources (``model.prompts.source``):
 * ``animals``: the 45 simple animal names of DDPO's aesthetic experiment, also used by Nabla-GFlowNet
   (stored in ``nablagfn/data/animals.txt``);
+* a list of prompts (from Python or YAML);
 * a ``.txt`` file (one prompt per line, blank lines skipped), a ``.json`` file (a list of strings) or a
   ``.csv`` file (the column ``model.prompts.column``).
 """
@@ -107,6 +108,11 @@ def split_held_out(num: int, held_out: float, seed: int) -> tuple[Tensor, Tensor
 
 def build_prompt_table(config) -> PromptTable:
     """The prompt table of a ``PromptsConfig``."""
-    prompts = read_prompts(config.source, config.column)
+    if isinstance(config.source, list):
+        if not config.source or not all(isinstance(p, str) and p.strip() for p in config.source):
+            raise ConfigError(f"{SOURCE_KEY}: a list of prompts must hold at least one non-empty string")
+        prompts = [p.strip() for p in config.source]
+    else:
+        prompts = read_prompts(config.source, config.column)
     train_ids, eval_ids = split_held_out(len(prompts), config.held_out, config.seed)
     return PromptTable(prompts, train_ids, eval_ids)

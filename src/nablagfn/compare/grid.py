@@ -157,13 +157,12 @@ def train_run(spec: RunSpec, progress: bool = False, position: int | None = None
     started = time.perf_counter()
     trainer = None
     try:
-        trainer = Trainer(spec.config, spec.run_dir, progress=progress)
+        trainer = Trainer.from_config(spec.config, spec.run_dir, progress=progress)
         trainer.progress_desc, trainer.progress_position = spec.name, position
-        metrics = trainer.train(resume=state == "partial")
-        (spec.run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
+        trainer.train(resume=state == "partial")  # writes eval.json and the run's figures
         outcome["status"] = "resumed" if state == "partial" else "trained"
     except NonFiniteLossError as error:
-        (spec.run_dir / "diverged.json").write_text(json.dumps({"update": trainer.update, "error": str(error)}))
+        (spec.run_dir / "diverged.json").write_text(json.dumps({"update": trainer.step, "error": str(error)}))
         outcome.update(status="diverged", error=str(error))
     except (ConfigError, CheckpointError, FileNotFoundError) as error:  # a clear message is enough
         outcome.update(status="failed", error=" ".join(str(error).split()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..registry import build_from_registry
 from .base import Reward
+from .python import CallableReward, PythonRewardConfig
 from .vector import GaussianReward, LinearReward
 
 #: reward.kind → "module:Class"; each class builds itself with ``from_config(config)``
@@ -22,6 +23,7 @@ REWARDS: dict[str, str] = {
     "clip": "clip_rewards:ClipScoreReward",
     "hpsv2": "hpsv2:HPSv2Reward",
     "imagereward": "imagereward:ImageRewardModel",
+    "python": "python:CallableReward",
 }
 
 
@@ -29,4 +31,4 @@ def build_reward(config) -> Reward:
     return build_from_registry(REWARDS, __name__, "reward.kind", config)
 
 
-__all__ = ["REWARDS", "GaussianReward", "LinearReward", "Reward", "build_reward"]
+__all__ = ["REWARDS", "CallableReward", "GaussianReward", "PythonRewardConfig", "LinearReward", "Reward", "build_reward"]

@@ -20,6 +20,15 @@ class Reward(nn.Module, ABC):
     differentiable: bool = True
     #: whether the reward reads the prompt of each sample (text-image rewards)
     uses_prompts: bool = False
+    #: the reward config this reward was built from (``build_reward``), which rebuilds it; None: made in Python
+    config = None
+
+    def describe(self):
+        """A reward config describing this reward as far as one can (a reward made in Python: a ``python`` reward
+        without an import path, recorded as handed over)."""
+        from .python import PythonRewardConfig
+
+        return PythonRewardConfig(function="", differentiable=self.differentiable)
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,15 +1,20 @@
-"""A run's parts, built from its validated config."""
+"""A run's parts (backend, reward, kernel, method) and what they do together: sample, reward, evaluate."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from pydantic import BaseModel, ValidationError
+
 from ..backends import Backend, GaussianMixtureBackend, build_backend
-from ..config import ConfigError, RunConfig
+
+from ..config import ConfigError, RunConfig, format_validation_error, load_config, validate_config
 from ..eval.digits import digits_metrics
 from ..eval.features import FeatureExtractor, build_features
 from ..eval.gmm import target_metrics
@@ -31,15 +36,22 @@ class Run:
     method: Method
     #: a progress bar over sampling batches (for commands that sample many; training has its own bar)
     progress: bool = False
+    #: the checkpoint whose weights were loaded (``load_run``); None: as built or trained
+    checkpoint: Path | None = None
     #: features of the pretrained reference samples of ``fid_to_pretrained``, by (num, seed, split): drawn once
     #: per run, since the pretrained model does not change
     _pretrained_features: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def build(cls, config: RunConfig) -> "Run":
-        torch.manual_seed(config.train.seed)  # network initialisation
-        backend = build_backend(config.model).to(config.train.device)
-        reward = build_reward(config.reward).to(config.train.device)
+    def build(cls, config: RunConfig, backend: Backend | None = None, reward: Reward | None = None) -> "Run":
+        """The run of ``config``, its parts built from it (after seeding torch with ``train.seed``) unless given."""
+        backend, reward = build_parts(config, backend, reward)
+        return cls.from_parts(config, backend.to(config.train.device), reward.to(config.train.device))
+
+    @classmethod
+    def from_parts(cls, config: RunConfig, backend: Backend, reward: Reward) -> "Run":
+        """The run of a backend and a reward (already on ``config.train.device``): the kernel and the method of
+        ``config`` built around them."""
         reward.set_prompts(backend.prompts)
         try:  # inconsistent combinations found while building (step counts, reward without gradients, …)
             kernel = make_kernel(config.sampler.kind, backend.schedule, config.sampler.steps, config.sampler.eta)
@@ -169,3 +181,89 @@ def _exact_flow_score(config: RunConfig, backend: Backend, reward: Reward) -> Ex
     if getattr(method, "prior_strength", None) != 1:
         return None
     return ExactFlowScore(backend.mixture, reward, method.beta, backend.schedule.alphas_cumprod)
+
+
+def build_parts(config: RunConfig, backend: Backend | None = None, reward: Reward | None = None
+                ) -> tuple[Backend, Reward]:
+    """The backend and the reward of ``config`` (on the CPU), after seeding torch with ``train.seed``; a part given
+    is used instead. A part the config lists under ``handed_over`` must be given (one-line ConfigError)."""
+    missing = [part for part, given in (("model", backend), ("reward", reward))
+               if part in config.handed_over and given is None]
+    if missing:
+        how = {"model": "backend=…", "reward": "reward=…"}
+        raise ConfigError(
+            f"this run's {' and '.join(missing)} {'was' if len(missing) == 1 else 'were'} handed over in Python "
+            f"(config.yaml: handed_over {missing}); load it in Python with "
+            f"{', '.join(how[part] for part in missing)} (nablagfn.load_run or Trainer.from_config)"
+        )
+    torch.manual_seed(config.train.seed)  # network initialisation
+    if backend is None:
+        backend = build_backend(config.model)
+    if reward is None:
+        reward = build_reward(config.reward)
+    return backend, reward
+
+
+def compose_config(backend: Backend, reward: Reward, method, sampler=None, train=None, eval=None) -> RunConfig:
+    """The ``RunConfig`` of a trainer made from parts: the backend's and the reward's own configs (or their
+    descriptions, listed under ``handed_over``), and the other sections. Config objects are taken as they are;
+    mappings (and a method name) get the model's presets beneath them, as in the CLI."""
+    handed_over = []
+    sections = {}
+    for name, part in (("model", backend), ("reward", reward)):
+        if part.config is not None:
+            sections[name] = part.config
+        else:
+            sections[name] = part.describe()
+            handed_over.append(name)
+    given = {"method": {"name": method} if isinstance(method, str) else method,
+             "sampler": sampler, "train": train, "eval": eval}
+    if all(isinstance(value, BaseModel) for value in given.values()):
+        try:
+            return RunConfig(**sections, **given, handed_over=handed_over)
+        except ValidationError as error:
+            raise ConfigError(format_validation_error(error)) from None
+    tree: dict = {name: config.model_dump() for name, config in sections.items()}
+    for name, value in given.items():
+        if value is not None:
+            tree[name] = value.model_dump() if isinstance(value, BaseModel) else dict(value)
+    tree["handed_over"] = handed_over
+    return validate_config(tree)
+
+
+def default_run_dir() -> Path:
+    """``runs/<date-time>`` under the working directory."""
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, backend: Backend | None = None,
+             reward: Reward | None = None) -> "Run":
+    """A finished or running run, rebuilt from ``RUN_DIR/config.yaml`` with the weights of its latest checkpoint
+    (or ``checkpoint``), for sampling and evaluation.
+
+    Args:
+        run_dir: the run directory.
+        checkpoint: a checkpoint directory (default: the run's latest).
+        backend, reward: the parts the run lists under ``handed_over`` (made in Python); others are rebuilt.
+
+    Returns:
+        The ``Run``; ``run.checkpoint`` is the checkpoint loaded.
+    """
+    from .checkpoint import list_checkpoints
+    from .trainer import load_weights
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    run = Run.build(load_config(config_path), backend, reward)
+    if checkpoint:
+        path = Path(checkpoint)
+    else:
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise ConfigError(f"{run_dir} has no checkpoint yet (nothing under {run_dir / 'checkpoints'})")
+        path = checkpoints[-1]
+    load_weights(run, path)
+    run.checkpoint = path
+    return run

@@ -20,16 +20,20 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, RunConfig, dump_config
+from ..backends import Backend
+from ..config import ConfigError, EvalConfig, RunConfig, SamplerConfig, TrainConfig, dump_config, load_config
+from ..config_base import StrictConfig
 from ..errors import NonFiniteLossError
 from ..mdp.rollout import EpochConditions, Trajectories
+from ..rewards import Reward
 from .checkpoint import (
     CheckpointError,
     finish_checkpoint,
@@ -43,7 +47,8 @@ from .checkpoint import (
     write_shard,
 )
 from .distributed import Processes
-from .run import Run
+from .outputs import write_run_outputs
+from .run import Run, build_parts, compose_config, default_run_dir
 from .trackers import Trackers
 
 EpochData = Trajectories | EpochConditions
@@ -92,7 +97,39 @@ class Shard:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, run_dir: str | Path, progress: bool = True):
+    """Algorithm 1 on a backend, a reward and a method; writes a run directory (config.yaml, metrics.jsonl,
+    checkpoints/, eval.json, figures) that ``nablagfn sample/eval/export`` and ``--resume`` read.
+
+    Args:
+        backend: the model being finetuned (``GaussianMixtureBackend``, ``DigitsBackend``,
+            ``StableDiffusionBackend.from_pipeline(pipe)``, or your own ``Backend``).
+        reward: log R (a built-in ``Reward`` or ``CallableReward(fn)``).
+        method: the method's config object (e.g. ``ResidualNablaDBConfig(beta=1.0)``), or a mapping of its keys
+            (``{"name": "ddpo"}``), which gets the model's presets beneath it as in the CLI.
+        sampler, train, eval: ``SamplerConfig``, ``TrainConfig``, ``EvalConfig`` objects (used as they are), or
+            mappings of keys (the model's presets beneath them, as in the CLI); None: the model's defaults.
+        run_dir: where the run is written (None: ``runs/<date-time>``).
+        progress: show progress bars.
+
+    Parts built in Python without a config (a pipeline in memory, a reward defined in a script) are recorded in
+    ``config.yaml`` as far as they can be, and listed under ``handed_over``: loading the run again needs them
+    passed in (``load_run(run_dir, backend=…, reward=…)``). Networks the method creates (the flow network g_φ)
+    are initialised from torch's global generator: seed it first for a reproducible run (``from_config`` does).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        reward: Reward,
+        method: StrictConfig | dict[str, Any] | str = "residual_nabla_db",
+        *,
+        sampler: SamplerConfig | dict[str, Any] | None = None,
+        train: TrainConfig | dict[str, Any] | None = None,
+        eval: EvalConfig | dict[str, Any] | None = None,
+        run_dir: str | Path | None = None,
+        progress: bool = True,
+    ):
+        config = compose_config(backend, reward, method, sampler, train, eval)
         self.processes = Processes(config.train.device)
         train = config.train
         shards = train.data_shards or self.processes.world_size
@@ -102,13 +139,13 @@ class Trainer:
                 f"({self.processes.world_size}) and divide train.batch_size ({train.batch_size})"
             )
         self.config = config.model_copy(update={"train": train.model_copy(update={"data_shards": shards})})
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
         self.progress = progress and self.processes.is_main
         self.progress_desc = "train"  # the progress bar's label, and its line (None: tqdm's choice)
         self.progress_position: int | None = None
         run_config = self.config.model_copy(deep=True)
         run_config.train.device = self.processes.device
-        self.run = Run.build(run_config)
+        self.run = Run.from_parts(run_config, backend.to(self.processes.device), reward.to(self.processes.device))
         self.parameter_groups = self.run.method.parameter_groups()
         optimizer_settings = {"policy": train.policy_optimizer, "flow": train.flow_optimizer}
         self.optimizers = {
@@ -121,7 +158,8 @@ class Trainer:
         per_process = shards // self.processes.world_size
         first = self.processes.rank * per_process
         self.shards = [Shard.new(index, train.seed) for index in range(first, first + per_process)]
-        self.update = 0
+        #: optimiser updates done so far
+        self.step = 0
         self.epoch = 0
         self.epoch_position = 0  # trajectories of each shard's epoch order used so far
         self.nonfinite_in_a_row = 0
@@ -129,6 +167,41 @@ class Trainer:
         self._pending_sample_metrics: dict[str, float] = {}  # reward of the latest sampled epoch, for the log
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.trackers = Trackers(self.config, self.run_dir) if self.processes.is_main else None
+        #: files the last ``train()`` wrote besides the checkpoints and the log (eval.json, figures), by name
+        self.outputs: dict[str, Path] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: RunConfig | str | Path | None = None,
+        run_dir: str | Path | None = None,
+        overrides: Sequence[str] = (),
+        *,
+        backend: Backend | None = None,
+        reward: Reward | None = None,
+        progress: bool = True,
+    ) -> "Trainer":
+        """The trainer the CLI builds: parts made from a config (seeded with ``train.seed`` first).
+
+        Args:
+            config: a ``RunConfig``, a YAML file, a run directory (its ``config.yaml``), or None (the defaults).
+            run_dir: where the run is written (None: a run directory given as ``config``, else ``runs/<date-time>``).
+            overrides: dotted ``key=value`` overrides (with a YAML file or the defaults).
+            backend, reward: parts to use instead of building them from the config (those a run lists under
+                ``handed_over`` must be given).
+        """
+        if isinstance(config, (str, Path)) and Path(config).is_dir():
+            run_dir = Path(config) if run_dir is None else run_dir
+            config = Path(config) / "config.yaml"
+            if not config.is_file():
+                raise ConfigError(f"{config.parent} is not a run directory (no config.yaml)")
+        if not isinstance(config, RunConfig):
+            config = load_config(config, list(overrides))
+        elif overrides:
+            raise ConfigError("overrides go with a YAML file or the defaults, not with a RunConfig object")
+        backend, reward = build_parts(config, backend, reward)
+        return cls(backend, reward, config.method, sampler=config.sampler, train=config.train, eval=config.eval,
+                   run_dir=run_dir, progress=progress)
 
     @property
     def shard_batch_size(self) -> int:
@@ -149,7 +222,7 @@ class Trainer:
 
     def _set_lr(self) -> None:
         settings = {"policy": self.config.train.policy_optimizer, "flow": self.config.train.flow_optimizer}
-        factor = self.lr_factor(self.update)
+        factor = self.lr_factor(self.step)
         for name, optimizer in self.optimizers.items():
             for group in optimizer.param_groups:
                 group["lr"] = settings[name].lr * factor
@@ -171,10 +244,10 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint; every process takes part in each step: the main one creates the staging directory,
         each writes its shards, the main one writes the rest and renames it into place."""
-        staging = staging_directory(self.run_dir, self.update)
+        staging = staging_directory(self.run_dir, self.step)
         main = self.processes.is_main
         state = {
-            "update": self.update, "epoch": self.epoch, "epoch_position": self.epoch_position,
+            "update": self.step, "epoch": self.epoch, "epoch_position": self.epoch_position,
             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_metrics": self._pending_sample_metrics,
             "elapsed": self.elapsed,
         }
@@ -186,18 +259,26 @@ class Trainer:
                 shutil.rmtree(staging, ignore_errors=True)
 
         for step in (
-            lambda: start_checkpoint(self.run_dir, self.update) if main else None,
+            lambda: start_checkpoint(self.run_dir, self.step) if main else None,
             lambda: [write_shard(staging, shard.index, shard.state_tensors()) for shard in self.shards],
-            lambda: finish_checkpoint(staging, self.update, modules, self.optimizers, state, keep) if main else None,
+            lambda: finish_checkpoint(staging, self.step, modules, self.optimizers, state, keep) if main else None,
         ):
             self._together(step, remove_staging)
         return self.run_dir / "checkpoints" / staging.name.removeprefix(".tmp_")
 
-    def load(self, checkpoint: Path) -> None:
+    def load(self, path: str | Path) -> Path:
+        """Restore the weights, optimisers, generators and epoch data of a checkpoint (a checkpoint directory, or a
+        run directory: its latest), so training continues exactly as if it had not stopped. Returns the checkpoint."""
+        checkpoint = Path(path)
+        if (checkpoint / "checkpoints").is_dir() or (checkpoint / "config.yaml").is_file():
+            checkpoints = list_checkpoints(checkpoint)
+            if not checkpoints:
+                raise FileNotFoundError(f"no checkpoint to resume from in {checkpoint / 'checkpoints'}")
+            checkpoint = checkpoints[-1]
         load_weights(self.run, checkpoint)
         state = load_training_state(checkpoint, self.optimizers)
         try:
-            self.update, self.epoch = state["update"], state["epoch"]
+            self.step, self.epoch = state["update"], state["epoch"]
             self.epoch_position, self.nonfinite_in_a_row = state["epoch_position"], state["nonfinite_in_a_row"]
             self._pending_sample_metrics, self.elapsed = state["sample_metrics"], state["elapsed"]
         except KeyError as missing:
@@ -206,12 +287,13 @@ class Trainer:
             shard.restore(load_shard(checkpoint, shard.index), self.config.train.on_policy, self.run.backend.device)
         if self.processes.is_main:
             self._truncate_metrics()
+        return checkpoint
 
     def _truncate_metrics(self) -> None:
         """Drop records logged after the checkpoint, so a resumed run has no duplicated steps."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if _update_of(line) <= self.update]
+        kept = [line for line in self.metrics_path.read_text().splitlines() if _update_of(line) <= self.step]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict) -> None:
@@ -222,14 +304,23 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
         self.trackers.log(record)
 
-    def _evaluate(self) -> dict[str, float] | None:
-        """The run's evaluation, on the main process (the others wait); None elsewhere."""
-        evaluation = self.run.evaluate(self.config.train.eval_samples) if self.processes.is_main else None
+    def evaluate(self, num: int | None = None, seed: int = 1234, split: str = "train",
+                 finetuned: bool = True) -> dict[str, float] | None:
+        """The run's metrics on ``num`` samples (default ``train.eval_samples``) from ``seed``: mean log-reward, and
+        the diversity, FID to the pretrained model and ground-truth distances where the run has them. Computed on
+        the main process (the others wait and get None)."""
+        num = self.config.train.eval_samples if num is None else num
+        evaluation = self.run.evaluate(num, seed, finetuned, split) if self.processes.is_main else None
         self.processes.barrier()
         return evaluation
 
+    def sample(self, num: int, seed: int = 0, split: str = "train", finetuned: bool = True) -> torch.Tensor:
+        """What the reward sees (images in [0, 1], or states) of ``num`` samples from ``seed`` on the ``train`` or
+        held-out ``eval`` conditions: the finetuned model, or the pretrained one."""
+        return self.run.decode(self.run.sample(num, seed, finetuned, split))
+
     # -- the loop ----------------------------------------------------------------
-    def _sample_epoch(self, shard: Shard) -> EpochData:
+    def _sample_shard(self, shard: Shard) -> EpochData:
         run = self.run
         size = self.config.train.trajectories_per_epoch // self.config.train.data_shards
         cond = run.backend.sample_conditions(size, shard.generator)
@@ -237,13 +328,15 @@ class Trainer:
             return EpochConditions(cond)
         return run.rollout(cond, shard.generator)
 
-    def _start_epoch(self) -> None:
+    def sample_epoch(self) -> None:
+        """Sample this epoch's trajectories, ``train.trajectories_per_epoch`` over the shards, with the current policy
+        (Algorithm 1, line 5; the first off-policy epoch also samples D_prev, line 3), and shuffle what it trains on."""
         on_policy = self.config.train.on_policy
         rewards = []
         for shard in self.shards:
             if shard.previous is None and not on_policy:
-                shard.previous = self._sample_epoch(shard)  # Algorithm 1, line 3
-            shard.sampled = self._sample_epoch(shard)
+                shard.previous = self._sample_shard(shard)  # Algorithm 1, line 3
+            shard.sampled = self._sample_shard(shard)
             shard.data = shard.sampled if on_policy else shard.previous
             shard.order = torch.randperm(len(shard.data), generator=shard.generator)
             if shard.sampled.log_reward is not None:
@@ -260,7 +353,18 @@ class Trainer:
             shard.data = shard.sampled = shard.order = None
         self.epoch += 1
 
-    def _one_update(self) -> dict[str, float]:
+    def update(self) -> dict[str, float]:
+        """One optimiser update on the current epoch (sampling one first when none is under way); the epoch ends
+        when its trajectories are used up. Returns the update's metrics (loss, the method's own, gradient norms)."""
+        if not self.in_epoch:
+            self.sample_epoch()
+        metrics = self._optimizer_step()
+        self.step += 1
+        if self.epoch_position >= len(self.shards[0].data):
+            self._end_epoch()
+        return metrics
+
+    def _optimizer_step(self) -> dict[str, float]:
         """One optimiser step on ``accumulation`` minibatches; each takes ``shard_batch_size`` trajectories from
         every shard, and the gradient is the mean over shards and minibatches (over processes: an all-reduce)."""
         train, method = self.config.train, self.run.method
@@ -269,7 +373,7 @@ class Trainer:
         totals: dict[str, float] = {}
         loss_value = 0.0
         parts = train.accumulation * len(self.shards)
-        method.set_progress(self.update, train.updates)
+        method.set_progress(self.step, train.updates)
         for _ in range(train.accumulation):
             window = slice(self.epoch_position, self.epoch_position + self.shard_batch_size)
             self.epoch_position += self.shard_batch_size
@@ -294,7 +398,7 @@ class Trainer:
                         "no checkpoint was written yet; lower the learning rate or check the reward and start again")
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (a NaN or inf in "
-                    f"the rewards, the loss or the gradients; each was skipped); stopping at update {self.update}: "
+                    f"the rewards, the loss or the gradients; each was skipped); stopping at update {self.step}: "
                     f"{then}"
                 )
             return {"loss": loss_value, "skipped_nonfinite": 1.0}
@@ -309,9 +413,17 @@ class Trainer:
             optimizer.step()
         return {"loss": loss_value, **totals}
 
-    def train(self, resume: bool = False) -> dict[str, float] | None:
-        """Run to ``train.updates`` optimiser updates; returns the final evaluation metrics (None on every process
-        but the main one)."""
+    def train(self, resume: bool = False, write_outputs: bool = True) -> dict[str, float] | None:
+        """Run to ``train.updates`` optimiser updates, evaluating, logging and checkpointing on the way.
+
+        Args:
+            resume: continue from the run directory's latest checkpoint instead of starting.
+            write_outputs: at the end write ``eval.json``, ``samples.png`` and ``curves.png`` (their paths in
+                ``self.outputs``), as ``nablagfn train`` does.
+
+        Returns:
+            The final evaluation's metrics (None on every process but the main one).
+        """
         train = self.config.train
         main = self.processes.is_main
         if resume:
@@ -319,50 +431,64 @@ class Trainer:
             if not checkpoints:
                 raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}")
             self.load(checkpoints[-1])
+            if main:  # what may have changed (train.updates, how often to log …) is kept for the next resume
+                (self.run_dir / "config.yaml").write_text(dump_config(self.config))
         elif main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(self.config))
             self.metrics_path.write_text("")
         self.processes.barrier()
         if main:
-            self.trackers.start(resume, self.update)
+            self.trackers.start(resume, self.step)
         if not resume:
-            evaluation = self._evaluate()
-            if main:
-                self._log({"update": 0, **{f"eval/{k}": v for k, v in evaluation.items()}})
-        bar = tqdm(total=train.updates, initial=self.update, desc=self.progress_desc, disable=not self.progress,
+            evaluation = self._evaluate_logged("initial evaluation")
+        bar = tqdm(total=train.updates, initial=self.step, desc=self.progress_desc, disable=not self.progress,
                    unit="upd", mininterval=1.0, position=self.progress_position)
         started = time.perf_counter() - self.elapsed  # wall time accumulates across resumes
         evaluation, evaluated = None, False
-        while self.update < train.updates:
-            if not self.in_epoch:
-                self._start_epoch()
-            metrics = self._one_update()
-            self.update += 1
-            if self.epoch_position >= len(self.shards[0].data):
-                self._end_epoch()
+        while self.step < train.updates:
+            metrics = self.update()
             bar.update(1)
             self.elapsed = time.perf_counter() - started
-            if self.update % train.log_every == 0 or self.update == train.updates:
-                record = {"update": self.update, "epoch": self.epoch, "time": self.elapsed,
+            if self.step % train.log_every == 0 or self.step == train.updates:
+                record = {"update": self.step, "epoch": self.epoch, "time": self.elapsed,
                           "lr/policy": self.optimizers["policy"].param_groups[0]["lr"], **metrics,
                           **self._pending_sample_metrics}
                 self._log(record)
-                bar.set_postfix(loss=f"{metrics['loss']:.3g}")
-            if self.update % train.eval_every == 0 or self.update == train.updates:
-                evaluation, evaluated = self._evaluate(), True
+                bar.set_postfix(self._postfix(metrics))
+            if self.step % train.eval_every == 0 or self.step == train.updates:
+                evaluation, evaluated = self._evaluate_logged(None), True
                 if main:
-                    self._log({"update": self.update, **{f"eval/{k}": v for k, v in evaluation.items()}})
-                    self.trackers.log_samples(self.run, self.update)
-                    if "mode_tv" in evaluation:
-                        bar.set_postfix(loss=f"{metrics['loss']:.3g}", tv=f"{evaluation['mode_tv']:.3f}")
-            if self.update % train.checkpoint_every == 0 or self.update == train.updates:
+                    self.trackers.log_samples(self.run, self.step)
+                    bar.set_postfix(self._postfix(metrics, evaluation))
+            if self.step % train.checkpoint_every == 0 or self.step == train.updates:
                 self.save()
         bar.close()
         if not evaluated:  # resumed a finished run
-            evaluation = self._evaluate()
+            evaluation = self._evaluate_logged("final evaluation", log=False)
         if main:
             self.trackers.finish()
+            if write_outputs:
+                self.outputs = write_run_outputs(self.run, self.run_dir, evaluation, self.progress)
+        return evaluation
+
+    def _postfix(self, metrics: dict[str, float], evaluation: dict[str, float] | None = None) -> dict[str, str]:
+        """The training bar's figures: the loss, the latest epoch's mean log-reward, and the mode TV where known."""
+        postfix = {"loss": f"{metrics['loss']:.3g}"}
+        if "sample/log_reward_mean" in self._pending_sample_metrics:
+            postfix["log_r"] = f"{self._pending_sample_metrics['sample/log_reward_mean']:.3g}"
+        if evaluation and "mode_tv" in evaluation:
+            postfix["tv"] = f"{evaluation['mode_tv']:.3f}"
+        return postfix
+
+    def _evaluate_logged(self, label: str | None, log: bool = True) -> dict[str, float] | None:
+        """``evaluate()`` at this update, logged to metrics.jsonl; ``label``: say so on the terminal (a long phase
+        outside the training bar)."""
+        if label and self.progress:
+            print(f"{label}: {self.config.train.eval_samples} samples …", flush=True)
+        evaluation = self.evaluate()
+        if log and self.processes.is_main:
+            self._log({"update": self.step, **{f"eval/{k}": v for k, v in evaluation.items()}})
         return evaluation
 
 
