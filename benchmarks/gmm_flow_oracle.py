@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from gmm_suite import EVAL_SAMPLES, build_run, draw_case, mean_energy_floor
+
 from nablagfn.eval.gmm import target_metrics
 
 SAMPLERS = ("pretrained", "mean_matched_kernel", "tilted_eps")

@@ -42,7 +42,7 @@ FLOOR_DRAWS = 10  # target-sample pairs averaged for the energy distance's floor
 
 
 def _mixture_weights(means, stds, weights):
-    from nablagfn.backends.gmm import GaussianMixture
+    from nablagfn.mixture import GaussianMixture
 
     return GaussianMixture(torch.tensor(means), torch.tensor(stds), torch.tensor(weights))
 

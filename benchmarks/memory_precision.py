@@ -30,9 +30,21 @@ import tempfile
 from pathlib import Path
 
 import torch
+from method_costs import (
+    MALLOC_ENV,
+    MB,
+    MODELS,
+    PeakMemory,
+    _trim,
+    clock,
+    machine,
+    machine_line,
+    median,
+    one_update,
+    publish,
+    tiny_sd_pipeline,
+)
 
-from method_costs import MALLOC_ENV, MB, MODELS, PeakMemory, _trim, clock, machine, machine_line, median, \
-    one_update, publish, tiny_sd_pipeline
 from nablagfn.config import load_config
 from nablagfn.methods import METHODS
 from nablagfn.train.trainer import Trainer

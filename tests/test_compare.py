@@ -8,8 +8,8 @@ import statistics
 from pathlib import Path
 
 import pytest
-
 from conftest import SMALL_RUN
+
 from nablagfn.cli import main
 from nablagfn.compare import load_settings, plan_grid
 

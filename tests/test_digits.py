@@ -12,8 +12,8 @@ from nablagfn.cli import main
 from nablagfn.config import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.pretrain import pretrain_classifier, pretrain_digits
-from nablagfn.shipped import shipped_weights
 from nablagfn.rewards.classifier import load_digit_classifier
+from nablagfn.shipped import shipped_weights
 from nablagfn.train.run import Run
 
 FAST = ["model.kind=digits", "sampler.steps=20", "train.eval_samples=64"]

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
+from conftest import TWO_UPDATES_PER_EPOCH
 from safetensors.torch import load_file
 
 from nablagfn.config import ConfigError, load_config
 from nablagfn.train.trainer import Trainer
-from conftest import TWO_UPDATES_PER_EPOCH
 
 SMALL = [*TWO_UPDATES_PER_EPOCH, "train.updates=6", "train.eval_every=3", "train.checkpoint_every=4",
          "train.data_shards=2"]

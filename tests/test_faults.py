@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TWO_UPDATES_PER_EPOCH
 from safetensors.torch import load_file
 
 import nablagfn.train.checkpoint as checkpoint_module
@@ -29,7 +30,6 @@ from nablagfn.rewards import build_reward
 from nablagfn.rewards.vector import GaussianReward
 from nablagfn.train.checkpoint import list_checkpoints, load_model_tensors
 from nablagfn.train.trainer import Trainer
-from conftest import TWO_UPDATES_PER_EPOCH
 
 SMALL = [*TWO_UPDATES_PER_EPOCH, "train.eval_every=1000"]
 

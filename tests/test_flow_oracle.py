@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from nablagfn.backends.gmm import GaussianMixture
 from nablagfn.config import ConfigError, load_config
 from nablagfn.methods import make_transitions
+from nablagfn.mixture import GaussianMixture
 from nablagfn.rewards.vector import ExactFlowScore, GaussianReward, LinearReward
 from nablagfn.train.run import Run
 

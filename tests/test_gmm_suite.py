@@ -52,6 +52,7 @@ def test_the_tilted_score_optimum_is_closer_to_the_target_than_eq16s():
     """The diagnosis behind ``policy_target=tilted_score`` (docs/methods.md): with the exact flow score, DDPM on the
     tilted ε reaches the target far more closely than eq. 16's optimum, the mean-matched optimal kernel."""
     import gmm_flow_oracle
+
     from nablagfn.eval.gmm import target_metrics
 
     run = gmm_suite.build_run(gmm_suite.draw_case(0)["config"], [])

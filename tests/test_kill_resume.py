@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TWO_UPDATES_PER_EPOCH
 from safetensors.torch import load_file
 
 from nablagfn.config import load_config
 from nablagfn.train.trainer import Trainer
-from conftest import TWO_UPDATES_PER_EPOCH
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")]
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import TWO_UPDATES_PER_EPOCH
 
 from nablagfn.config import load_config
 from nablagfn.train.checkpoint import list_checkpoints
 from nablagfn.train.trainer import Trainer
-from conftest import TWO_UPDATES_PER_EPOCH
 
 BASE = [*TWO_UPDATES_PER_EPOCH, "train.updates=6", "train.eval_every=100"]
 

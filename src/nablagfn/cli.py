@@ -1,4 +1,4 @@
-"""The ``nablagfn`` command line: train, sample, eval, compare, pretrain."""
+"""The ``nablagfn`` command line: train, sample, eval, export, compare, pretrain."""
 
 from __future__ import annotations
 
@@ -132,6 +132,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import LORA_FILE, export_lora
+
+    out = export_lora(Path(args.run_dir), Path(args.out), args.checkpoint, merge=args.merge)
+    if args.merge:
+        print(f"wrote a diffusers pipeline with the LoRA fused to {out}; "
+              f"load it with StableDiffusionPipeline.from_pretrained({str(out)!r})")
+    else:
+        print(f"wrote {out / LORA_FILE}; load it with pipe.load_lora_weights({str(out)!r})")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
@@ -196,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["train", "eval"], default="train",
                         help="prompts to condition on: training ones, or the held-out ones (model.prompts.held_out)")
     evaluate.set_defaults(func=cmd_eval)
+
+    export = commands.add_parser(
+        "export", help="write a Stable Diffusion run's LoRA for diffusers (or a pipeline with it fused)",
+        description="Write RUN_DIR's LoRA as diffusers loads it (pipe.load_lora_weights(OUT)), or with --merge the "
+        "base pipeline with the LoRA fused (StableDiffusionPipeline.from_pretrained(OUT)); plus a model card.",
+    )
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, help="directory to write")
+    export.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    export.add_argument("--merge", action="store_true", help="write the full pipeline with the LoRA fused")
+    export.set_defaults(func=cmd_export)
 
     compare = commands.add_parser(
         "compare", help="train a grid of methods × seeds alike and write a report (Table 1, trade-off figures)",

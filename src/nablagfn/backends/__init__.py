@@ -5,9 +5,10 @@ Heavy backends are imported only when used.
 
 from __future__ import annotations
 
+from ..mixture import GaussianMixture
 from ..registry import build_from_registry
 from .base import Backend
-from .gmm import GaussianMixture, GaussianMixtureBackend
+from .gmm import GaussianMixtureBackend
 
 #: model.kind → "module:Class"; each class builds itself with ``from_config(config)``
 BACKENDS: dict[str, str] = {

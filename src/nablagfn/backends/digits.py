@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..mdp.schedules import NoiseSchedule
 from ..shipped import load_weights_into
 from .base import Backend
-from .lora import add_lora, adapters_disabled, lora_parameters
+from .lora import adapters_disabled, add_lora, lora_parameters
 from .nets import timestep_embedding
 
 DIGITS_SHAPE = (1, 8, 8)

@@ -9,73 +9,13 @@ layer starts at zero, so finetuned = pretrained at initialisation.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from ..mdp.schedules import NoiseSchedule
+from ..mixture import GaussianMixture
 from .base import Backend
 from .nets import TimeConditionedMLP
-
-
-@dataclass
-class GaussianMixture:
-    """Σ_k w_k N(m_k, s_k² I) with isotropic components."""
-
-    means: Tensor  # (M, d)
-    stds: Tensor  # (M,)
-    weights: Tensor  # (M,), sums to 1
-
-    def __post_init__(self) -> None:
-        self.means = torch.as_tensor(self.means, dtype=torch.float64)
-        self.stds = torch.as_tensor(self.stds, dtype=torch.float64)
-        weights = torch.as_tensor(self.weights, dtype=torch.float64)
-        self.weights = weights / weights.sum()
-
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    def noised(self, abar: Tensor) -> tuple[Tensor, Tensor]:
-        """Means (B, M, d) and variances (B, M) of the components of p_t for per-sample ᾱ (B,)."""
-        abar = abar.to(torch.float64)
-        means = abar.sqrt()[:, None, None] * self.means[None]
-        variances = abar[:, None] * self.stds[None] ** 2 + (1 - abar[:, None])
-        return means, variances
-
-    def _component_log_probs(self, x: Tensor, means: Tensor, variances: Tensor) -> Tensor:
-        squared = ((x[:, None, :] - means) ** 2).sum(-1)
-        return (
-            torch.log(self.weights)[None]
-            - 0.5 * squared / variances
-            - 0.5 * self.dim * torch.log(2 * math.pi * variances)
-        )
-
-    def log_prob(self, x: Tensor, abar: Tensor | None = None) -> Tensor:
-        """log p_t(x) (log p(x) when ``abar`` is None)."""
-        x64 = x.to(torch.float64)
-        abar = torch.ones(x.shape[0], dtype=torch.float64) if abar is None else abar
-        means, variances = self.noised(abar)
-        return torch.logsumexp(self._component_log_probs(x64, means, variances), dim=1).to(x.dtype)
-
-    def score(self, x: Tensor, abar: Tensor) -> Tensor:
-        """∇_x log p_t(x) in closed form (responsibility-weighted component scores)."""
-        x64 = x.to(torch.float64)
-        means, variances = self.noised(abar)
-        responsibilities = torch.softmax(self._component_log_probs(x64, means, variances), dim=1)
-        component_scores = -(x64[:, None, :] - means) / variances[..., None]
-        return (responsibilities[..., None] * component_scores).sum(1).to(x.dtype)
-
-    def sample(self, num: int, generator: torch.Generator) -> Tensor:
-        components = torch.multinomial(self.weights, num, replacement=True, generator=generator)
-        noise = torch.randn((num, self.dim), generator=generator, dtype=torch.float64)
-        return (self.means[components] + self.stds[components, None] * noise).float()
-
-    def nearest_mode(self, x: Tensor) -> Tensor:
-        """Index of the nearest component mean for each point (for mode-weight histograms)."""
-        return torch.cdist(x.to(torch.float64), self.means).argmin(1)
 
 
 class GaussianMixtureBackend(Backend):

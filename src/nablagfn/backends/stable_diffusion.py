@@ -19,8 +19,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..loading import offline_hint, resolve_dir
 from ..mdp.schedules import NoiseSchedule
-from ..rewards.loading import offline_hint, resolve_dir
 from .base import Backend
 from .prompts import PromptTable, build_prompt_table
 
@@ -39,10 +39,16 @@ def load_noise_schedule(root: str, revision: str | None = None) -> NoiseSchedule
     """ᾱ_t from the pipeline's scheduler config (beta schedule, trained betas, zero-SNR rescaling)."""
     from diffusers import DDPMScheduler
 
-    config = DDPMScheduler.load_config(root, subfolder="scheduler", revision=revision)
+    return noise_schedule_of(DDPMScheduler.load_config(root, subfolder="scheduler", revision=revision), root)
+
+
+def noise_schedule_of(config: dict, where: str) -> NoiseSchedule:
+    """ᾱ_t of a diffusers scheduler config (any scheduler class: only the training betas are read)."""
+    from diffusers import DDPMScheduler
+
     prediction = config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
-        raise ConfigError(f"model.path: {root!r} predicts {prediction!r}; only ε-prediction models are supported")
+        raise ConfigError(f"model.path: {where!r} predicts {prediction!r}; only ε-prediction models are supported")
     scheduler = DDPMScheduler(
         num_train_timesteps=config.get("num_train_timesteps", 1000),
         beta_start=config.get("beta_start", 0.0001),
@@ -162,6 +168,7 @@ class StableDiffusionBackend(Backend):
         size = unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (unet.config.in_channels, height, width)
+        self._description = None  # the model config from_pipeline made it with
         self._embedding_cache: dict[int, Tensor] = {}  # prompt id → (tokens, dim); id −1 is the negative prompt
         self._adapter_enabled = True
 
@@ -193,13 +200,47 @@ class StableDiffusionBackend(Backend):
                 f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}). Download it "
                 f"(e.g. `hf download {config.path}`) and set model.path=/path/to/its/directory"
             ) from None
+        return cls._from_parts(unet, vae, text_encoder, tokenizer, schedule, config, prompt_table)
+
+    @classmethod
+    def from_pipeline(cls, pipe, prompts: list[str] | str = "animals", **settings) -> StableDiffusionBackend:
+        """A backend on a ``StableDiffusionPipeline`` already in memory (any UNet, VAE and CLIP text encoder of the
+        SD 1.x/2.x shapes). The LoRA adapter is added to ``pipe.unet`` itself, so after training ``pipe(…)``
+        generates with it.
+
+        Args:
+            pipe: the pipeline (its ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` are used).
+            prompts: the prompts to train on (a list), or a source as ``model.prompts.source`` takes it.
+            settings: other keys of ``model`` (``lora_rank``, ``guidance_scale``, ``sample_batch_size`` …).
+
+        Returns:
+            The backend; a run made with it records the pipeline's name or path and lists the model as handed over.
+        """
+        from ..config import PromptsConfig, StableDiffusionModelConfig
+
+        missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                   if getattr(pipe, name, None) is None]
+        if missing:
+            raise ConfigError(f"from_pipeline: the pipeline has no {', '.join(missing)} (a Stable Diffusion 1.x/2.x "
+                              "pipeline is needed)")
+        dtype = {value: key for key, value in DTYPES.items()}.get(pipe.unet.dtype, "fp32")
+        path = str(getattr(pipe, "name_or_path", None) or StableDiffusionModelConfig.model_fields["path"].default)
+        config = StableDiffusionModelConfig(path=path, dtype=dtype, prompts=PromptsConfig(source=prompts), **settings)
+        backend = cls._from_parts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                                  noise_schedule_of(dict(pipe.scheduler.config), path), config)
+        backend._description = config
+        return backend
+
+    @classmethod
+    def _from_parts(cls, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, config,
+                    prompt_table: PromptTable | None = None) -> StableDiffusionBackend:
         return cls(
             unet,
             vae,
             text_encoder,
             tokenizer,
             schedule,
-            prompt_table,
+            prompt_table or build_prompt_table(config.prompts),
             lora_rank=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_targets=tuple(config.lora_targets),
@@ -209,6 +250,12 @@ class StableDiffusionBackend(Backend):
             gradient_checkpointing=config.gradient_checkpointing,
             sample_batch_size=config.sample_batch_size,
         )
+
+    def describe(self):
+        """The settings it was made with, the pipeline's name or path as ``model.path``."""
+        if self._description is None:
+            return super().describe()
+        return self._description
 
     # -- text ------------------------------------------------------------------------
     @torch.no_grad()

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..loading import resolve_file
 from ..rewards.classifier import ClassifierReward, DigitClassifier, load_digit_classifier
 from ..rewards.clip_rewards import ClipImageEncoder
-from ..rewards.loading import resolve_file
 from ..rewards.preprocess import to_rgb
 from .metrics import Distance
 

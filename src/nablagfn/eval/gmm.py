@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backends.gmm import GaussianMixture
+from ..mixture import GaussianMixture
 
 
 def mode_weights(samples: Tensor, prior: GaussianMixture) -> Tensor:

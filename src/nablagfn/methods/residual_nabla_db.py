@@ -48,7 +48,6 @@ from torch import Tensor, nn
 
 from .base import Method, TransitionBatch, batch_mean
 
-
 #: bands of sampler steps over which the errors against the exact flow score are logged
 ERROR_BANDS = 5
 

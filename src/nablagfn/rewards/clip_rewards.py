@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..loading import MODEL_FILES, resolve_dir, resolve_file
+from ..loading import TOKENIZER_FILES as TOKENIZER_PATTERNS
 from .base import Reward
-from .loading import MODEL_FILES, resolve_dir, resolve_file
-from .loading import TOKENIZER_FILES as TOKENIZER_PATTERNS
 from .preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 #: CLIP's text context length

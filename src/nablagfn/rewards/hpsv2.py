@@ -21,8 +21,8 @@ from torch import Tensor
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from ..errors import ConfigError
+from ..loading import TOKENIZER_FILES, resolve_dir, resolve_file
 from .base import Reward
-from .loading import TOKENIZER_FILES, resolve_dir, resolve_file
 from .preprocess import clip_preprocess
 
 HUB_REPO = "xswu/HPSv2"

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..loading import resolve_dir, resolve_file
 from .base import Reward
-from .loading import resolve_dir, resolve_file
 from .preprocess import clip_preprocess
 
 #: normalisation of the raw head output, from the official ImageReward code

@@ -8,12 +8,10 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
-from pydantic import BaseModel, ValidationError
-
 from ..backends import Backend, GaussianMixtureBackend, build_backend
-
 from ..config import ConfigError, RunConfig, format_validation_error, load_config, validate_config
 from ..eval.digits import digits_metrics
 from ..eval.features import FeatureExtractor, build_features

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 
 def offline_hint() -> str:
