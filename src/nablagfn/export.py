@@ -9,6 +9,7 @@ Either way ``README.md`` is a short model card: base model, reward, β, method, 
 
 from __future__ import annotations
 
+import inspect
 import json
 import tempfile
 from pathlib import Path
@@ -67,15 +68,19 @@ def save_adapter(run: Run, out: Path) -> Path:
     unet = run.backend.unet
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     layers = {name: tensor.detach().float().cpu().contiguous() for name, tensor in layers.items()}
-    metadata = unet.peft_config["default"].to_dict()
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
-                                              safe_serialization=True)
+    options = {}
+    lora = unet.peft_config["default"]
+    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
+        options["unet_lora_adapter_metadata"] = lora.to_dict()  # rank and alpha, read back by load_lora_weights
+    elif lora.lora_alpha != lora.r:
+        raise ConfigError(f"model.lora_alpha: this diffusers cannot record alpha ({lora.lora_alpha}) ≠ rank ({lora.r}) "
+                          "with the LoRA; upgrade diffusers (≥ 0.35) to export it")
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True, **options)
     return out / LORA_FILE
 
 
 def _save_merged(run: Run, adapter_dir: Path, out: Path) -> None:
     """The base pipeline of ``run`` (``model.path``, the run's dtype) with the adapter fused, saved to ``out``."""
-    import torch
     from diffusers import StableDiffusionPipeline
 
     from .backends.stable_diffusion import DTYPES
@@ -83,8 +88,8 @@ def _save_merged(run: Run, adapter_dir: Path, out: Path) -> None:
     model = run.config.model
     dtype = DTYPES[model.dtype]
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model.path, revision=model.revision, torch_dtype=torch.float32,
-                                                       safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(model.path, revision=model.revision, safety_checker=None,
+                                                       requires_safety_checker=False)  # fp32
     except OSError as error:
         raise ConfigError(f"model.path: cannot load the base pipeline {model.path!r} to merge into ({error})") from None
     pipe.load_lora_weights(adapter_dir, adapter_name="nablagfn")
@@ -98,7 +103,8 @@ def model_card(run: Run, run_dir: Path, merged: bool) -> str:
     config = run.config
     method = config.method
     beta = getattr(method, "beta", None)
-    updates = run.checkpoint.name if run.checkpoint is not None else "?"
+    name = run.checkpoint.name.removeprefix("update_") if run.checkpoint is not None else "?"
+    updates = int(name) if name.isdigit() else name
     eval_path = run_dir / "eval.json"
     metrics = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
     lines = [
@@ -108,7 +114,7 @@ def model_card(run: Run, run_dir: Path, merged: bool) -> str:
         f"- reward: `{config.reward.kind}`" + (f" (`{config.reward.function}`)" if config.reward.kind == "python" else ""),
         f"- method: `{method.name}`" + (f", β = {beta:g}" if beta is not None else "")
         + (f", η = {method.prior_strength:g}" if hasattr(method, "prior_strength") else ""),
-        f"- updates: {int(updates) if updates.isdigit() else updates} (checkpoint `{run.checkpoint}`)",
+        f"- updates: {updates} (checkpoint `{run.checkpoint}`)",
         f"- sampler: {config.sampler.kind}, {config.sampler.steps} steps; guidance scale {config.model.guidance_scale:g}",
         f"- LoRA: rank {config.model.lora_rank}, alpha {config.model.lora_alpha or config.model.lora_rank:g}, "
         f"on {', '.join(config.model.lora_targets)}",
