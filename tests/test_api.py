@@ -224,3 +224,21 @@ def test_export_refuses_models_diffusers_cannot_load(tmp_path, capsys):
     assert main(["train", "--out", str(run_dir), "--no-progress", *SMALL_RUN, "train.updates=1"]) == 0
     assert main(["export", str(run_dir), "--out", str(tmp_path / "out")]) == 2
     assert "needs model.kind=stable_diffusion" in capsys.readouterr().err
+
+
+def test_eval_keeps_the_training_eval_json_and_sample_writes_one_grid(tmp_path):
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    small = ["train.updates=2", "train.trajectories_per_epoch=4", "train.batch_size=4", "train.eval_samples=8",
+             "sampler.steps=5", "eval.prior_fid=false"]
+    assert main(["train", "--out", str(run_dir), "--no-progress", *small]) == 0
+    training = (run_dir / "eval.json").read_text()
+    assert main(["eval", str(run_dir), "--num", "8"]) == 0
+    assert (run_dir / "eval.json").read_text() == training
+    written = yaml.safe_load((run_dir / "evaluations" / "update_0000002_train_n8_seed1234.json").read_text())
+    assert set(written) >= {"finetuned", "pretrained", "checkpoint"}
+    assert main(["sample", str(run_dir), "--num", "9", "--out", str(tmp_path / "grid.png"), "--grid"]) == 0
+    width, height = Image.open(tmp_path / "grid.png").size
+    assert width == height == 3 * 64 + 4 * 2  # 3 × 3 digits upscaled to 64 pixels, 2-pixel gaps
+    assert main(["sample", str(run_dir), "--num", "4", "--out", str(tmp_path / "grid"), "--grid"]) == 2

@@ -26,6 +26,10 @@ def test_tensorboard_gets_the_metrics_and_a_sample_grid_and_resume_purges(tmp_pa
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
     assert [e.step for e in events.Scalars("eval/log_reward_mean")] == [0, 2]
     assert [e.step for e in events.Images("samples")] == [2]
+    captions = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    captions.Reload()
+    text = captions.Tensors("samples/captions/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.count("log R") == 16  # one caption per sample of the grid
 
     # resume from update 1: the events logged after it are dropped and logged again, once
     (tmp_path / "checkpoints" / "update_0000002").rename(tmp_path / "checkpoints" / ".gone")

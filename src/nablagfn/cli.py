@@ -75,20 +75,41 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     run, checkpoint = _load_run(Path(args.run_dir), args.checkpoint)
-    samples = run.sample(args.num, seed=args.seed, finetuned=not args.pretrained, split=args.split)
     out = Path(args.out)
     images = len(run.backend.sample_shape) == 3
+    if args.grid and (not images or out.suffix != ".png"):
+        raise ConfigError(f"--grid writes one image grid of an image model: --out must be a .png file (got {out})")
+    samples = run.sample(args.num, seed=args.seed, finetuned=not args.pretrained, split=args.split)
     if out.suffix == ".npy":
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, (run.decode(samples) if images else samples).cpu().numpy())
+    elif args.grid:
+        _save_grid(run.decode(samples), out)
     elif images:
         _save_pngs(run.decode(samples), out)
     else:
         raise ConfigError(f"--out {out}: vector backends write a .npy array")
     kind = "pretrained" if args.pretrained else f"finetuned ({checkpoint.name})"
-    written = f"{out}/00000.png …" if images and out.suffix != ".npy" else str(out)
+    written = f"{out}/00000.png …" if images and out.suffix not in (".npy", ".png") else str(out)
     print(f"wrote {args.num} {kind} samples to {written}")
     return 0
+
+
+def _save_grid(images, out: Path, min_side: int = 64) -> None:
+    """One PNG of the images tiled in a near-square grid, each upscaled (nearest) to at least ``min_side`` pixels."""
+    import math
+
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from .viz import tile_images
+
+    scale = max(1, math.ceil(min_side / images.shape[-1]))
+    upscaled = F.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest")
+    grid = tile_images(upscaled, columns=math.ceil(math.sqrt(len(images))), pad=2)
+    pixels = (grid * 255).round().byte().numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(out)
 
 
 def _save_pngs(images, out: Path) -> None:
@@ -123,7 +144,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = {"checkpoint": str(checkpoint), "num_samples": args.num, "seed": args.seed, "split": args.split}
     results["finetuned"] = run.evaluate(args.num, seed=args.seed, finetuned=True, split=args.split)
     results["pretrained"] = run.evaluate(args.num, seed=args.seed, finetuned=False, split=args.split)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
+    default = Path(args.run_dir) / "evaluations" / f"{checkpoint.name}_{args.split}_n{args.num}_seed{args.seed}.json"
+    out = Path(args.out) if args.out else default
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     for name in ("pretrained", "finetuned"):
         print(f"{name}:")
@@ -193,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True,
                         help="a .npy file (an array), or for image models a directory of PNG files")
     sample.add_argument("--pretrained", action="store_true", help="sample the pretrained model instead")
+    sample.add_argument("--grid", action="store_true", help="write one upscaled image grid to --out (a .png file)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
     sample.add_argument("--split", choices=["train", "eval"], default="train",
@@ -204,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num", type=int, default=10_000, help="evaluation samples (default 10000)")
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
-    evaluate.add_argument("--out", help="JSON output (default RUN_DIR/eval.json)")
+    evaluate.add_argument("--out", help="JSON output (default RUN_DIR/evaluations/<checkpoint>_<split>_n<num>_seed<seed>.json; "
+                          "the training's own eval.json is left as it is)")
     evaluate.add_argument("--split", choices=["train", "eval"], default="train",
                         help="prompts to condition on: training ones, or the held-out ones (model.prompts.held_out)")
     evaluate.set_defaults(func=cmd_eval)

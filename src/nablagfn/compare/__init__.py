@@ -89,7 +89,7 @@ def compare(
         if outcome["status"] == "failed":
             result = next(r for r in results if run_name(r.method, r.seed) == outcome["name"])
             result.note = f"failed: {outcome['error']}"
-    write_report(out, results, header)
+    write_report(out, results, header, progress=progress)
     echo(f"report: {out / 'results.md'} (+ summary.json, curves.png, pareto.png, grids.png)")
     failed = [o["name"] for o in outcomes if o["status"] == "failed"]
     if failed:

@@ -348,14 +348,15 @@ def method_curves(results: list[RunResult], present: list[Metric]) -> dict[str, 
     return curves
 
 
-def write_grids(results: list[RunResult], path: Path, seed: int = 0) -> Path | None:
+def write_grids(results: list[RunResult], path: Path, seed: int = 0, progress: bool = False) -> Path | None:
     """Samples of every method (the latest checkpoint of its first run) and of the pretrained model, all from the
-    same seed, hence the same conditions and initial noise; ``None`` when no run has a checkpoint."""
+    same seed, hence the same conditions and initial noise; ``None`` when no run has a checkpoint. ``progress``: a
+    bar over the methods (each loads its model and samples)."""
     import torch
+    from tqdm.auto import tqdm
 
     from ..train.checkpoint import list_checkpoints
-    from ..train.run import Run
-    from ..train.trainer import load_weights
+    from ..train.run import load_run
     from ..viz import plot_image_grids, plot_vector_samples
 
     chosen: dict[str, tuple[RunResult, Path]] = {}
@@ -367,9 +368,9 @@ def write_grids(results: list[RunResult], path: Path, seed: int = 0) -> Path | N
         return None
     panels: dict[str, torch.Tensor] = {}
     vectors = False
-    for index, (method, (r, checkpoint)) in enumerate(chosen.items()):
-        run = Run.build(load_config(r.run_dir / "config.yaml"))
-        load_weights(run, checkpoint)
+    bar = tqdm(chosen.items(), desc="report: sample grids", unit="method", disable=not progress)
+    for index, (method, (r, checkpoint)) in enumerate(bar):
+        run = load_run(r.run_dir, checkpoint)
         vectors = len(run.backend.sample_shape) == 1
         small = vectors or max(run.backend.sample_shape[1:]) <= 16  # digits-sized images: a full grid each
         num = 2000 if vectors else 32 if small else 8
@@ -389,10 +390,14 @@ def write_grids(results: list[RunResult], path: Path, seed: int = 0) -> Path | N
     return path
 
 
-def write_report(out: Path, results: list[RunResult], header: dict[str, Any], grids: bool = True) -> dict[str, Any]:
-    """Write results.md, summary.json, curves.png, pareto.png and grids.png into ``out``; returns the summary."""
+def write_report(out: Path, results: list[RunResult], header: dict[str, Any], grids: bool = True,
+                 progress: bool = False) -> dict[str, Any]:
+    """Write results.md, summary.json, curves.png, pareto.png and grids.png into ``out``; returns the summary.
+    ``progress``: say what is being written, with a bar over the sample grids."""
     from ..viz import plot_method_curves, plot_pareto
 
+    if progress:
+        print(f"report: tables and figures of {len(results)} runs …", flush=True)
     present, missing = present_metrics(results)
     summary = summarize(results)
     labels = {m.key: m.title for m in present}
@@ -415,7 +420,7 @@ def write_report(out: Path, results: list[RunResult], header: dict[str, Any], gr
                               "one point per evaluated checkpoint (larger: later)") if REWARD in labels else None
     if pareto_path:
         figures["pareto.png"] = pareto_note
-    if grids and write_grids(results, out / "grids.png"):
+    if grids and write_grids(results, out / "grids.png", progress=progress):
         figures["grids.png"] = ""
     summary["header"] = header
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

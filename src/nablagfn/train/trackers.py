@@ -63,18 +63,36 @@ class Trackers:
             tracker.log(values, step=record["update"])
 
     def log_samples(self, run: Run, update: int) -> None:
-        """A grid of the finetuned model's samples at this evaluation (image models only)."""
+        """A grid of the finetuned model's samples at this evaluation (image models only), each captioned with its
+        prompt (text models) and log-reward: W&B as image captions, TensorBoard as a text table beside the grid."""
         if not self.trackers or len(run.backend.sample_shape) == 1:
             return
-        images = run.decode(run.sample(SAMPLE_GRID, seed=SAMPLE_SEED)).clamp(0, 1).float().cpu()
+        states, cond = run.sample_with_conditions(SAMPLE_GRID, seed=SAMPLE_SEED)
+        images = run.decode(states).clamp(0, 1).float()
+        captions = sample_captions(run, images, cond)
+        images = images.cpu()
         for tracker in self.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({"samples": images}, step=update, dataformats="NCHW")
+                table = "\n".join(f"| {index} | {caption} |" for index, caption in enumerate(captions))
+                tracker.writer.add_text("samples/captions", "| sample | caption |\n| --- | --- |\n" + table,
+                                        global_step=update)
             else:
-                tracker.log_images({"samples": [image.permute(1, 2, 0).numpy() for image in images]}, step=update)
+                import wandb
+
+                tracker.log({"samples": [wandb.Image(image.permute(1, 2, 0).numpy(), caption=caption)
+                                         for image, caption in zip(images, captions)]}, step=update)
 
     def finish(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
 
+
+
+def sample_captions(run: Run, images, cond) -> list[str]:
+    """``"<prompt> · log R <value>"`` per sample (no prompt for models without text)."""
+    log_rewards = run.reward.log_reward(images, cond).tolist()
+    prompts = [run.backend.prompts[i] for i in cond.tolist()] if run.backend.prompts else [""] * len(log_rewards)
+    return [f"{prompt} · log R {value:.3g}" if prompt else f"log R {value:.3g}"
+            for prompt, value in zip(prompts, log_rewards)]
