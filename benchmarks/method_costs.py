@@ -290,7 +290,7 @@ class Anatomy:
     LABELS = {  # (function, call number within the loss, or ε's kind) → what it is, in residual ∇-DB's loss
         ("eps", "finetuned"): "ε_θ(x_k) forward (policy, with graph)",
         ("eps", "pretrained"): "ε#(x_k) forward (reference, no grad)",
-        ("pretrained_eps_with_graph", 0): "ε#(x_k) forward with its graph (reference; differentiated below)",
+        ("pretrained_eps", 0): "ε#(x_k) forward, with its graph when differentiated below (reference)",
         ("predicted_log_reward_grad", 0): "look-ahead at x_{k+1}: ε#(x_{k+1}) fwd + decode + reward + bwd to x_{k+1}",
         ("predicted_log_reward_grad", 1): "look-ahead at x_k: [ε#(x_k) fwd +] decode + reward + bwd to x_k",
         ("reverse_residual_policy_score", 0): "reverse target J#(x_k)ᵀ v: [ε#(x_k) fwd +] bwd",
@@ -305,7 +305,7 @@ class Anatomy:
         self.depth = 0
         self.counts: dict[str, int] = {}
         self.eps_calls: list[tuple[str, bool, int]] = []
-        targets = [(run.backend, "eps"), (run.method, "pretrained_eps_with_graph"),
+        targets = [(run.backend, "eps"), (run.method, "pretrained_eps"),
                    (run.method, "predicted_log_reward_grad"), (run.method, "reverse_residual_policy_score"),
                    (run.method, "flow_score")]
         self.originals = [(obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]

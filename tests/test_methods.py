@@ -8,7 +8,7 @@ import torch
 from nablagfn.config import load_config
 from nablagfn.mdp import rollout
 from nablagfn.methods import build_method, make_transitions, subsample_steps
-from nablagfn.methods.residual_nabla_db import ResidualNablaDB
+from nablagfn.methods.residual_nabla_db import PretrainedEps, ResidualNablaDB
 from nablagfn.rewards import Reward
 from nablagfn.train.run import Run
 
@@ -190,9 +190,11 @@ def test_expected_reverse_target_is_conditional_mean_of_sampled(eta):
 
     # the forward condition's optimum: ∇ log F̃(x_{k+1}) = η(μ_θ − μ#)/σ² − (1 − η) ∇_{x_{k+1}} log P_B at μ_θ,
     # in expectation
-    backward_next, backward_here = method.backward_kernel_scores(x, mean_policy, step)
+    backward_next, backward_here = method.noising.scores(x, mean_policy, step)
     next_flow = eta * (mean_policy - mean_pretrained) / kernel.variance_like(x, step) - (1 - eta) * backward_next
-    args = (x, x_next, step, cond, mean_policy, mean_pretrained, next_flow)
+    pretrained = PretrainedEps(backend, kernel, x, step, cond, with_graph=True)
+    assert torch.equal(pretrained.mean, mean_pretrained)
+    args = (x, x_next, step, cond, mean_policy, pretrained, next_flow)
     sampled = method.reverse_residual_policy_score(*args).double()
     method.config.reverse_target = "expected"
     expected = method.reverse_residual_policy_score(*args).double()

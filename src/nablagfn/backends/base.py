@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..mdp.schedules import NoiseSchedule
+from ..mdp.shapes import per_sample
 
 
 class Backend(nn.Module, ABC):
@@ -65,7 +66,7 @@ class Backend(nn.Module, ABC):
     def predict_clean(self, x: Tensor, timestep: Tensor, eps: Tensor) -> Tensor:
         """One-step clean prediction x̂(x_t) = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t (eq. 2's x_θ)."""
         abar = self.schedule.alphas_cumprod.to(x.device)[timestep].to(x.dtype)
-        abar = abar.reshape(-1, *([1] * (x.dim() - 1)))
+        abar = per_sample(abar, x)
         return (x - (1 - abar).sqrt() * eps) / abar.sqrt()
 
     def adapter_state_dict(self) -> dict[str, Tensor]:

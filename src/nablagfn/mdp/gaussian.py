@@ -25,11 +25,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .shapes import per_sample
+
 
 def _per_sample(values: Tensor, step: Tensor, like: Tensor) -> Tensor:
     """Gather ``values[step]`` and shape it to broadcast against ``like`` (B, ...)."""
     out = values.to(like.device)[step].to(like.dtype)
-    return out.reshape(-1, *([1] * (like.dim() - 1)))
+    return per_sample(out, like)
 
 
 class GaussianKernel:

@@ -155,9 +155,7 @@ class DRaFTLV(BackpropThroughSampling):
 
     def renoise(self, final: Tensor, generator: torch.Generator) -> Tensor:
         """n copies of each x_K drawn from q(x_{K−1} | x_K), stacked copy-major → (n·B, …)."""
-        abar = self.backend.schedule.alphas_cumprod.to(torch.float64)
-        timesteps = self.kernel.state_timesteps
-        ratio = (abar[timesteps[-2]] / abar[timesteps[-1]]).item()
+        ratio = self.noising.ratio(torch.tensor([self.kernel.num_steps - 1])).item()
         copies = final.detach().repeat(self.config.copies, *([1] * (final.dim() - 1)))
         return math.sqrt(ratio) * copies + math.sqrt(1 - ratio) * self.noise(tuple(copies.shape), generator)
 

@@ -9,7 +9,9 @@ from torch import Tensor, nn
 
 from ..backends.base import Backend
 from ..mdp.gaussian import GaussianKernel
+from ..mdp.noising import NoisingKernel
 from ..mdp.rollout import Trajectories
+from ..mdp.shapes import per_sample
 from ..rewards.base import Reward
 
 
@@ -96,6 +98,7 @@ class Method:
         self.backend = backend
         self.reward = reward
         self.kernel = kernel
+        self.noising = NoisingKernel(backend.schedule, kernel)  # P_B over the sampler's stride
         self.networks = nn.ModuleDict()
         self.update, self.total_updates = 0, 1
 
@@ -163,7 +166,7 @@ class Method:
                 if eps is None:
                     eps = backend.eps(x_in, timestep, cond, finetuned=finetuned)
                 predicted = backend.predict_clean(x_in, timestep, eps)
-                mask = is_final.reshape(-1, *([1] * (x.dim() - 1)))
+                mask = per_sample(is_final, x)
                 clean = torch.where(mask, x_in, predicted)
             log_reward = self.smoothed_log_reward(clean, cond, generator)
             (grad,) = torch.autograd.grad(log_reward.sum(), x_in)

@@ -146,10 +146,7 @@ class ResidualDB(Method):
                 mean_pretrained = kernel.mean(x, backend.eps(x, timestep, cond, finetuned=False), step)
             log_ratio = log_ratio - eta * gaussian_log_density(x_next, mean_pretrained, variance)
         if eta != 1:
-            abar = backend.schedule.alphas_cumprod.to(x.device)
-            ratio = (abar[timestep] / abar[kernel.timestep_of_state(step + 1)]).to(x.dtype)
-            ratio = ratio.reshape(-1, *([1] * (x.dim() - 1)))
-            log_ratio = log_ratio - (1 - eta) * gaussian_log_density(x, ratio.sqrt() * x_next, 1 - ratio)
+            log_ratio = log_ratio - (1 - eta) * self.noising.log_density(x, x_next, step)
         return log_ratio, eps_policy
 
     def loss(

@@ -42,14 +42,59 @@ the policy implies against it per band of steps (``flow_error/kLO-HI``, ``policy
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
+from ..mdp.shapes import per_sample
 from .base import Method, TransitionBatch, batch_mean
 
 #: bands of sampler steps over which the errors against the exact flow score are logged
 ERROR_BANDS = 5
+
+
+class PretrainedEps:
+    """ε#(x_k), evaluated once per loss, and what the loss reads from it: its ``value``, the pretrained step mean
+    μ#(x_k), and, through the graph kept from a leaf copy of x_k (``with_graph``), the vector–Jacobian product
+    J_{μ#}(x_k)ᵀ v and the score ∇_{x_k} log P#(x_{k+1} | x_k), without evaluating ε# again."""
+
+    def __init__(self, backend, kernel, x: Tensor, step: Tensor, cond: Tensor, with_graph: bool):
+        self.kernel, self.step = kernel, step
+        timestep = kernel.timestep_of_state(step)
+        self.leaf: Tensor | None = None  # x_k, detached and requiring grad, when the graph is kept
+        self.graph: Tensor | None = None  # ε#(leaf) with its graph
+        if with_graph:
+            with torch.enable_grad():
+                self.leaf = x.detach().requires_grad_(True)
+                self.graph = backend.eps(self.leaf, timestep, cond, finetuned=False)
+            self.value = self.graph.detach()
+        else:
+            with torch.no_grad():
+                self.value = backend.eps(x, timestep, cond, finetuned=False)
+        self.mean = kernel.mean(x, self.value, step)
+
+    @property
+    def leaf_and_graph(self) -> tuple[Tensor, Tensor] | None:
+        """(x_k leaf, ε#) for ``predicted_log_reward_grad``'s pretrained look-ahead (which frees the graph), or None."""
+        return None if self.graph is None else (self.leaf, self.graph)
+
+    def _gradient(self, output: Tensor, grad_output: Tensor | None = None) -> Tensor:
+        if self.graph is None:
+            raise RuntimeError("ε#(x_k) was evaluated without its graph; nothing can be differentiated through it")
+        (gradient,) = torch.autograd.grad(output, self.leaf, grad_outputs=grad_output, retain_graph=True)
+        return gradient
+
+    def mean_vjp(self, vector: Tensor) -> Tensor:
+        """J_{μ#}(x_k)ᵀ v (detached)."""
+        with torch.enable_grad():
+            return self._gradient(self.kernel.mean(self.leaf, self.graph, self.step), vector.detach())
+
+    def reverse_score(self, x_next: Tensor) -> Tensor:
+        """∇_{x_k} log P#(x_{k+1} | x_k) at fixed x_{k+1} (detached)."""
+        with torch.enable_grad():
+            mean = self.kernel.mean(self.leaf, self.graph, self.step)
+            return self._gradient(self.kernel.log_prob(x_next.detach(), mean, self.step).sum())
 
 
 class ResidualNablaDB(Method):
@@ -94,27 +139,17 @@ class ResidualNablaDB(Method):
         ``pretrained``: ε# at x_k already evaluated with its graph, as ``predicted_log_reward_grad`` takes it)."""
         grad = self.predicted_log_reward_grad(x, state_index, cond, generator, pretrained)
         scale = self.config.beta * self.gamma(state_index).to(x.dtype)
-        return scale.reshape(-1, *([1] * (x.dim() - 1))) * grad
+        return per_sample(scale, x) * grad
 
-    def backward_kernel_scores(self, x: Tensor, x_next: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
-        """(∇_{x_{k+1}}, ∇_{x_k}) of log P_B(x_k | x_{k+1}) = log N(x_k; √r x_{k+1}, (1 − r) I)."""
-        abar = self.backend.schedule.alphas_cumprod.to(x.device)
-        ratio = abar[self.kernel.timestep_of_state(step)] / abar[self.kernel.timestep_of_state(step + 1)]
-        ratio = ratio.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-        scaled_residual = (x - ratio.sqrt() * x_next) / (1 - ratio)
-        return ratio.sqrt() * scaled_residual, -scaled_residual
+    def pretrained_eps(self, x: Tensor, step: Tensor, cond: Tensor) -> PretrainedEps:
+        """ε#(x_k), with its graph when the loss differentiates it (``differentiates_pretrained_eps``)."""
+        return PretrainedEps(self.backend, self.kernel, x, step, cond, self.differentiates_pretrained_eps())
 
-    def pretrained_eps_with_graph(self, x: Tensor, timestep: Tensor, cond: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(x_in, ε#(x_in)) with x_in = x detached and requiring grad, when the loss differentiates ε# at x_k: the
-        reverse target (``propagated``; ``expected`` and ``sampled`` for η ≠ 0) and the ``pretrained`` look-ahead
-        x̂#(x_k). None when nothing does (ε# is then only a value)."""
+    def differentiates_pretrained_eps(self) -> bool:
+        """Whether the loss differentiates ε# at x_k: the reverse target (``propagated``; ``expected`` and
+        ``sampled`` for η ≠ 0) or the ``pretrained`` look-ahead x̂#(x_k)."""
         cfg = self.config
-        reverse_uses_pretrained = cfg.reverse_target == "propagated" or self.prior_strength != 0
-        if not reverse_uses_pretrained and cfg.lookahead != "pretrained":
-            return None
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            return x_in, self.backend.eps(x_in, timestep, cond, finetuned=False)
+        return cfg.reverse_target == "propagated" or self.prior_strength != 0 or cfg.lookahead == "pretrained"
 
     def flow_score(self, x: Tensor, state_index: Tensor, cond: Tensor) -> Tensor:
         """g_φ(x_k), the learned part of eq. 15; eq. 18 drives it to zero at final states, and the forward
@@ -127,57 +162,46 @@ class ResidualNablaDB(Method):
         eta = self.prior_strength
         timestep = kernel.timestep_of_state(step)
         next_index = step + 1
-        is_last = next_index == kernel.num_steps
+        is_last = per_sample(next_index == kernel.num_steps, x)
         variance = kernel.variance_like(x, step)
-        eps_coef = kernel.eps_coef.to(x)[step].reshape(variance.shape)
+        eps_coef = per_sample(kernel.eps_coef.to(x)[step], x)
 
         eps_policy = backend.eps(x, timestep, cond, finetuned=True)
         mean_policy = kernel.mean(x, eps_policy, step)
-        # ∇ log F̃(x_{k+1}) (eq. 15) first, so that its look-ahead graph is freed before ε#(x_k)'s is built
+        # eq. 15 at x_{k+1}: ∇ log F̃(x_{k+1}) = β γ ∇ log R(x̂) + g_φ (g_φ = 0 at x_K); first, so that its look-ahead
+        # graph is freed before ε#(x_k)'s is built
         next_flow_score = self.forward_looking_score(x_next, next_index, cond, generator)
-        if self.detach_flow_in_forward:  # no graph for a value used detached
-            with torch.no_grad():
-                g_next = self.flow_score(x_next, next_index, cond)
-        else:
-            g_next = self.flow_score(x_next, next_index, cond)
-        g_next = torch.where(is_last.reshape(-1, *([1] * (x.dim() - 1))), torch.zeros_like(g_next), g_next)
+        with torch.no_grad() if self.detach_flow_in_forward else nullcontext():  # no graph for a detached value
+            g_next = torch.where(is_last, 0.0, self.flow_score(x_next, next_index, cond))
         flow_target = next_flow_score + g_next
         if getattr(cfg, "flow_oracle", False):  # ∇ log F̃(x_K) = β ∇ log R(x_K) exactly, as in eq. 15
             exact_next = self.exact_flow_score(x_next, kernel.timestep_of_state(next_index))
-            flow_target = torch.where(is_last.reshape(-1, *([1] * (x.dim() - 1))), next_flow_score, exact_next)
-        # ε#(x_k) is evaluated once, with its graph from x_k when the reverse target (J#ᵀv) or the pretrained
-        # look-ahead x̂#(x_k) differentiates it below (each used to evaluate it again: docs/performance.md)
-        pretrained = self.pretrained_eps_with_graph(x, timestep, cond)
-        if pretrained is None:
-            with torch.no_grad():
-                eps_pretrained = backend.eps(x, timestep, cond, finetuned=False)
-        else:
-            eps_pretrained = pretrained[1].detach()
-        mean_pretrained = kernel.mean(x, eps_pretrained, step)
+            flow_target = torch.where(is_last, next_flow_score, exact_next)
+        pretrained = self.pretrained_eps(x, step, cond)
 
-        # eq. 17: reverse residual ∇-DB
+        # eq. 17: reverse residual ∇-DB, ‖∇_{x_k} log P̃ + ∇ log F̃(x_k)‖²
         reverse_policy_score = self.reverse_residual_policy_score(
-            x, x_next, step, cond, mean_policy, mean_pretrained, (next_flow_score + g_next).detach(), pretrained
+            x, x_next, step, cond, mean_policy, pretrained, (next_flow_score + g_next).detach()
         )
-        flow_here = self.forward_looking_score(x, step, cond, generator, pretrained) + self.flow_score(x, step, cond)
-        reverse_residual = reverse_policy_score + flow_here
+        flow_here = (self.forward_looking_score(x, step, cond, generator, pretrained.leaf_and_graph)
+                     + self.flow_score(x, step, cond))
         reverse_weight = variance if cfg.reverse_weighting == "variance" else torch.ones_like(variance)
-        reverse_loss = batch_mean(reverse_weight * reverse_residual**2)
+        reverse_loss = batch_mean(reverse_weight * (reverse_policy_score + flow_here) ** 2)
 
         if getattr(cfg, "policy_target", "detailed_balance") == "tilted_score":
-            forward_loss = self.tilted_score_loss(x, timestep, eps_policy, eps_pretrained, flow_here.detach())
-        else:  # eq. 16: forward residual ∇-DB
-            residual_policy_score = (-(x_next - mean_policy) + eta * (x_next - mean_pretrained)) / variance
+            forward_loss = self.tilted_score_loss(x, timestep, eps_policy, pretrained.value, flow_here.detach())
+        else:  # eq. 16: forward residual ∇-DB, ‖∇_{x_{k+1}} log P̃ − ∇ log F̃(x_{k+1})‖²
+            residual_policy_score = (-(x_next - mean_policy) + eta * (x_next - pretrained.mean)) / variance
             if eta != 1:
-                residual_policy_score = residual_policy_score - (1 - eta) * self.backward_kernel_scores(x, x_next, step)[0]
-            forward_residual = residual_policy_score - flow_target
+                residual_policy_score = residual_policy_score - (1 - eta) * self.noising.scores(x, x_next, step)[0]
             forward_weight = variance**2 / eps_coef**2 if cfg.forward_weighting == "eps" else torch.ones_like(variance)
-            forward_loss = batch_mean(forward_weight * forward_residual**2)
+            forward_loss = batch_mean(forward_weight * (residual_policy_score - flow_target) ** 2)
 
         loss, metrics = self.total_loss(forward_loss, reverse_loss, batch, eps_policy)
         if self.exact_flow_score is not None:
             metrics.update(self.errors_against_exact_flow(
-                x, step, cond, generator, flow_here.detach(), eps_policy.detach(), eps_pretrained, mean_policy.detach()
+                x, step, cond, generator, flow_here.detach(), eps_policy.detach(), pretrained.value,
+                mean_policy.detach()
             ))
         return loss, metrics
 
@@ -217,7 +241,7 @@ class ResidualNablaDB(Method):
     def noise_scale(self, x: Tensor, timestep: Tensor) -> Tensor:
         """√(1 − ᾱ_t) per sample, shaped to broadcast against x."""
         abar = self.backend.schedule.alphas_cumprod.to(x.device)[timestep].to(x.dtype)
-        return (1 - abar).sqrt().reshape(-1, *([1] * (x.dim() - 1)))
+        return per_sample((1 - abar).sqrt(), x)
 
     def errors_against_exact_flow(
         self, x: Tensor, step: Tensor, cond: Tensor, generator, flow_here: Tensor, eps_policy: Tensor,
@@ -235,7 +259,7 @@ class ResidualNablaDB(Method):
             implied, exact_policy = -(eps_policy - eps_pretrained) / self.noise_scale(x, timestep), exact_here
         else:
             next_index = step + 1
-            is_last = (next_index == kernel.num_steps).reshape(-1, *([1] * (x.dim() - 1)))
+            is_last = per_sample(next_index == kernel.num_steps, x)
             final = torch.full_like(step, kernel.num_steps)
             implied = (mean_policy - kernel.mean(x, eps_pretrained, step)) / kernel.variance_like(x, step)
             exact_policy = torch.where(
@@ -262,59 +286,37 @@ class ResidualNablaDB(Method):
         step: Tensor,
         cond: Tensor,
         mean_policy: Tensor,
-        mean_pretrained: Tensor,
+        pretrained: PretrainedEps,
         next_flow_score: Tensor,
-        pretrained: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """∇_{x_k} log P̃(x_{k+1}|x_k) as ``method.reverse_target`` estimates it: ``sampled`` at the recorded
-        x_{k+1}; ``expected`` over x_{k+1} ~ P_F; ``propagated`` with eq. 16's optimum substituted into the
-        expectation. With v = (x_k − √r μ_θ)/(1 − r) (the P_B part, 0 at η = 1):
-          expected:    −η J#ᵀ(μ_θ − μ#)/σ² + (1 − η) v
-          propagated:  −J#ᵀ(∇ log F̃(x_{k+1}) + (1 − η) √r v) + (1 − η) v   (eq. 16: η(μ_θ − μ#)/σ² − (1 − η)√r v
-                       = E[∇ log F̃(x_{k+1})]).
-        ``pretrained``: (x_in, ε#(x_in)) from ``pretrained_eps_with_graph``, differentiated (graph kept) instead of
-        evaluating ε# again."""
-        kernel, backend, eta = self.kernel, self.backend, self.prior_strength
-        timestep = kernel.timestep_of_state(step)
+        """∇_{x_k} log P̃(x_{k+1}|x_k) as ``method.reverse_target`` estimates it. With v = (x_k − √r μ_θ)/(1 − r)
+        (the P_B part, 0 at η = 1):
+          sampled:     ∇_{x_k} log P_F − η ∇_{x_k} log P# − (1 − η) ∇_{x_k} log P_B at the recorded x_{k+1}
+          expected:    −η J#ᵀ(μ_θ − μ#)/σ² + (1 − η) v                     (its mean over x_{k+1} ~ P_F)
+          propagated:  −J#ᵀ(∇ log F̃(x_{k+1}) + (1 − η) √r v) + (1 − η) v   (eq. 16's optimum substituted:
+                       η(μ_θ − μ#)/σ² − (1 − η)√r v = E[∇ log F̃(x_{k+1})])
+        In expectation J_θᵀ(x_{k+1} − μ_θ)/σ² vanishes, J#ᵀ(x_{k+1} − μ#)/σ² is J#ᵀ(μ_θ − μ#)/σ², and P_B's score,
+        linear in x_{k+1}, is its value at μ_θ."""
+        kernel, eta = self.kernel, self.prior_strength
+        target = self.config.reverse_target
+        if target == "sampled":
+            timestep = kernel.timestep_of_state(step)
 
-        def pretrained_eps(inp: Tensor) -> Tensor:
-            return backend.eps(inp, timestep, cond, finetuned=False)
-
-        def pretrained_mean_vjp(vector: Tensor) -> Tensor:
-            if pretrained is None:
-                return kernel.mean_vjp(x, vector, step, pretrained_eps)
-            x_in, eps = pretrained
-            with torch.enable_grad():
-                mean = kernel.mean(x_in, eps, step)
-                (product,) = torch.autograd.grad(mean, x_in, grad_outputs=vector.detach(), retain_graph=True)
-            return product
-
-        if self.config.reverse_target == "sampled":
             def policy_eps(inp: Tensor) -> Tensor:
-                return backend.eps(inp, timestep, cond, finetuned=True)
+                return self.backend.eps(inp, timestep, cond, finetuned=True)
 
             score = kernel.reverse_score(x, x_next, step, policy_eps, create_graph=self.second_order)
-            if eta != 0 and pretrained is None:
-                score = score - eta * kernel.reverse_score(x, x_next, step, pretrained_eps)
-            elif eta != 0:  # kernel.reverse_score on the ε# already evaluated
-                x_in, eps = pretrained
-                with torch.enable_grad():
-                    log_prob = kernel.log_prob(x_next.detach(), kernel.mean(x_in, eps, step), step)
-                    (pretrained_score,) = torch.autograd.grad(log_prob.sum(), x_in, retain_graph=True)
-                score = score - eta * pretrained_score
+            if eta != 0:
+                score = score - eta * pretrained.reverse_score(x_next)
             if eta != 1:
-                score = score - (1 - eta) * self.backward_kernel_scores(x, x_next, step)[1]
+                score = score - (1 - eta) * self.noising.scores(x, x_next, step)[1]
             return score
-
-        # E_{x_{k+1} ~ P_F}: J_θᵀ(x_{k+1} − μ_θ)/σ² has mean 0, J#ᵀ(x_{k+1} − μ#)/σ² has mean J#ᵀ(μ_θ − μ#)/σ², and
-        # P_B's score is linear in x_{k+1}, so its mean is the score at μ_θ
         mean_policy = mean_policy.detach()
-        backward_next, backward_here = self.backward_kernel_scores(x, mean_policy, step)
-        if self.config.reverse_target == "propagated":
-            score = -pretrained_mean_vjp(next_flow_score + (1 - eta) * backward_next)
-        elif eta != 0:
-            vector = eta * (mean_policy - mean_pretrained) / kernel.variance_like(x, step)
-            score = -pretrained_mean_vjp(vector)
+        backward_next, backward_here = self.noising.scores(x, mean_policy, step)
+        if target == "propagated":
+            score = -pretrained.mean_vjp(next_flow_score + (1 - eta) * backward_next)
+        elif eta != 0:  # expected
+            score = -pretrained.mean_vjp(eta * (mean_policy - pretrained.mean) / kernel.variance_like(x, step))
         else:
             score = torch.zeros_like(x)
         return score - (1 - eta) * backward_here
