@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.eval.digits import digits_metrics
 from nablagfn.eval.metrics import mean_pairwise_distance
 from nablagfn.train.checkpoint import list_checkpoints

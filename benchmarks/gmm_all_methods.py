@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.eval.gmm import mode_weights, target_metrics
 from nablagfn.rewards.vector import exact_target
 from nablagfn.train.trainer import NonFiniteLossError, Trainer

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -115,7 +115,7 @@ def build_run(tree: dict, overrides: list[str]):
     """The ``Run`` of a case's config tree with ``overrides``."""
     import yaml
 
-    from nablagfn.config import load_config
+    from nablagfn.config_loading import load_config
     from nablagfn.train.run import Run
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -139,7 +139,7 @@ def run_case(case: dict, overrides: list[str], updates: int | None, seed: int, t
     """Train one case with the defaults (+ ``overrides``) and score it against the exact target."""
     import yaml
 
-    from nablagfn.config import load_config
+    from nablagfn.config_loading import load_config
     from nablagfn.train.trainer import Trainer
 
     torch.set_num_threads(threads)

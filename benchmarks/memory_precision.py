@@ -45,7 +45,7 @@ from method_costs import (
     tiny_sd_pipeline,
 )
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.methods import METHODS
 from nablagfn.train.trainer import Trainer
 

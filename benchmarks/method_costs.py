@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.methods import METHODS, make_transitions, subsample_steps
 from nablagfn.train.trainer import Trainer
 

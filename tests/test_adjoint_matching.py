@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.mdp import DDIMKernel, Trajectories
 from nablagfn.train.run import Run

@@ -3,6 +3,7 @@ Python API and the examples as written, and the LoRA round trip into diffusers."
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -12,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from api_rewards import ink
+from conftest import SMALL_RUN
+from tiny_sd import save_tiny_sd
 
 import nablagfn as ng
 from nablagfn.cli import main
-from nablagfn.config import load_config
-from tiny_sd import save_tiny_sd
-
-from api_rewards import ink
-from conftest import SMALL_RUN
+from nablagfn.config_loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SMALL = {"updates": 2, "trajectories_per_epoch": 4, "batch_size": 4, "eval_samples": 8, "eval_every": 2,
@@ -130,6 +130,12 @@ def test_resume_extends_a_finished_run_and_refuses_history_changes(tmp_path, cap
     updates = [yaml.safe_load(line)["update"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [u for u in updates if u > 0] == [1, 2, 2, 3, 4, 4]  # training and evaluation records, each once
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["updates"] == 4
+    # the cosine schedule (torch's LambdaLR, checkpointed) continues over the new length: lr at update u uses u − 1
+    records = [yaml.safe_load(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    learning_rates = {r["update"]: r["lr/policy"] for r in records if "lr/policy" in r}
+    for update in (3, 4):
+        factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (update - 1) / 4))
+        assert learning_rates[update] == pytest.approx(3e-3 * factor, rel=1e-12)
 
 
 def test_readme_python_api_runs_as_written(tmp_path):

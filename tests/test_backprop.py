@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_sd import save_tiny_sd
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.mdp import rollout
 from nablagfn.methods import build_method

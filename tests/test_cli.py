@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nablagfn.cli import main
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.train.run import Run
 
 TRAIN_ARGS = [

@@ -5,17 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from nablagfn.config import (
-    MODEL_PRESETS,
-    ConfigError,
-    NablaDBConfig,
-    ResidualNablaDBConfig,
-    RunConfig,
-    dump_config,
-    load_config,
-    parse_override,
-    validate_config,
-)
+from nablagfn.config import ConfigError, NablaDBConfig, ResidualNablaDBConfig, RunConfig
+from nablagfn.config_loading import MODEL_PRESETS, dump_config, load_config, parse_override, validate_config
 
 GMM = ["model.kind=gmm"]
 

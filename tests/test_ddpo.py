@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_sd import save_tiny_sd
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.methods.ddpo import PromptRewardBuffer, normalised_advantages, ppo_clipped_loss
 from nablagfn.train.run import Run
 from nablagfn.train.trainer import Trainer

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.mdp import rollout
 from nablagfn.methods import make_transitions, subsample_steps

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from nablagfn.backends.digits import DigitsBackend, DigitsUNet, load_digits_dataset, load_digits_unet
 from nablagfn.cli import main
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.pretrain import pretrain_classifier, pretrain_digits
 from nablagfn.rewards.classifier import load_digit_classifier

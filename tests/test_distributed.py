@@ -15,7 +15,8 @@ import torch
 from conftest import TWO_UPDATES_PER_EPOCH
 from safetensors.torch import load_file
 
-from nablagfn.config import ConfigError, load_config
+from nablagfn.config import ConfigError
+from nablagfn.config_loading import load_config
 from nablagfn.train.trainer import Trainer
 
 SMALL = [*TWO_UPDATES_PER_EPOCH, "train.updates=6", "train.eval_every=3", "train.checkpoint_every=4",

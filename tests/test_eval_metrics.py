@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nablagfn.config import EvalConfig, load_config
+from nablagfn.config import EvalConfig
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.eval.features import DREAMSIM_FILES, ClassifierFeatures, ClipFeatures, build_features
 from nablagfn.eval.metrics import diversity, frechet_distance, grouped_frechet_distance, mean_pairwise_distance

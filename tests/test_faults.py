@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import nablagfn.train.checkpoint as checkpoint_module
 from nablagfn.backends.prompts import read_prompts
 from nablagfn.cli import main
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import CheckpointError, ConfigError, NonFiniteLossError
 from nablagfn.rewards import build_reward
 from nablagfn.rewards.vector import GaussianReward

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from nablagfn.config import ConfigError, load_config
+from nablagfn.config import ConfigError
+from nablagfn.config_loading import load_config
 from nablagfn.methods import make_transitions
 from nablagfn.mixture import GaussianMixture
 from nablagfn.rewards.vector import ExactFlowScore, GaussianReward, LinearReward

@@ -9,7 +9,7 @@ import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from nablagfn.backends import GaussianMixture, GaussianMixtureBackend
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.eval.gmm import mode_weights
 from nablagfn.mdp import NoiseSchedule
 from nablagfn.rewards.vector import GaussianReward, GridDensity, LinearReward, exact_target

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_sd import save_tiny_sd
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.methods.graft import group_max, partial_noising, rejection_acceptance, top_k_mask
 from nablagfn.train.run import Run

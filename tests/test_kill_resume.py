@@ -22,7 +22,7 @@ import torch
 from conftest import TWO_UPDATES_PER_EPOCH
 from safetensors.torch import load_file
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.train.trainer import Trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")]

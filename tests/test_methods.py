@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.mdp import rollout
 from nablagfn.methods import build_method, make_transitions, subsample_steps
 from nablagfn.methods.residual_nabla_db import PretrainedEps, ResidualNablaDB

@@ -8,7 +8,7 @@ import torch
 from test_rewards_clip import _save_clip, _save_preprocessor, _save_tokenizer
 from tiny_sd import save_tiny_sd
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.train.run import Run
 from nablagfn.train.trainer import Trainer
 

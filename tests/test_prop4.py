@@ -8,7 +8,7 @@ default settings must bring it to ≤ 0.1 (see docs/methods.md for the figures).
 import pytest
 import torch
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.train.trainer import Trainer
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TWO_UPDATES_PER_EPOCH
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.train.checkpoint import list_checkpoints
 from nablagfn.train.trainer import Trainer
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.rewards import build_reward
 from nablagfn.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess

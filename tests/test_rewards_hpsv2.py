@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import CLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.rewards import build_reward
 from nablagfn.rewards.hpsv2 import HPSv2Reward, clip_config_from_open_clip, convert_open_clip_state_dict

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.rewards import build_reward
 from nablagfn.rewards.imagereward import (

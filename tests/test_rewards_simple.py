@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.rewards import build_reward
 from nablagfn.rewards.classifier import DigitClassifier

@@ -2,7 +2,7 @@
 
 import torch
 
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.mdp import rollout
 from nablagfn.train.run import Run
 

@@ -13,7 +13,7 @@ from tiny_sd import LATENT_CHANNELS, LATENT_SIZE, save_tiny_sd
 from nablagfn.backends import build_backend
 from nablagfn.backends.prompts import read_prompts, split_held_out
 from nablagfn.backends.stable_diffusion import StableDiffusionBackend
-from nablagfn.config import load_config
+from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
 from nablagfn.train.checkpoint import list_checkpoints
 from nablagfn.train.run import Run

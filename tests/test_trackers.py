@@ -6,7 +6,8 @@ import importlib.util
 
 import pytest
 
-from nablagfn.config import ConfigError, load_config
+from nablagfn.config import ConfigError
+from nablagfn.config_loading import load_config
 from nablagfn.train.trainer import Trainer
 
 DIGITS = ["model.kind=digits", "sampler.steps=5", "train.trajectories_per_epoch=8", "train.batch_size=4",

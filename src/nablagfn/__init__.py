@@ -53,8 +53,8 @@ from .config import (
     SamplerConfig,
     StableDiffusionModelConfig,
     TrainConfig,
-    load_config,
 )
+from .config_loading import load_config
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .export import export_lora
 from .rewards import CallableReward, PythonRewardConfig, Reward, build_reward

@@ -34,7 +34,7 @@ RESUME_KEYS = ("train.updates", "train.log_every", "train.eval_every", "train.ev
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config, parse_override
+    from .config_loading import load_config, parse_override
     from .train.trainer import Trainer
 
     if args.resume:

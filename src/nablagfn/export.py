@@ -139,7 +139,7 @@ def _load_for_export(run_dir: Path, checkpoint: str | Path | None, config: dict)
     """The run, rebuilding a model handed over in Python from its recorded ``model.path`` (export needs only the
     UNet's shapes and, to merge, the base weights) and a handed-over reward as a stand-in (export does not use it)."""
     from .backends import build_backend
-    from .config import validate_config
+    from .config_loading import validate_config
     from .rewards.simple import BrightnessReward
 
     handed_over = config.get("handed_over", [])

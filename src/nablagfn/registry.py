@@ -15,3 +15,14 @@ def build_from_registry(registry: dict[str, str], package: str, key: str, config
     built = getattr(import_module(f".{module_name}", package), class_name).from_config(config)
     built.config = config  # what rebuilds it (recorded in a run's config.yaml)
     return built
+
+
+def config_classes(registry: dict[str, str], package: str) -> tuple[type, ...]:
+    """The ``config_class`` of every registered implementation, in registry order, each once (for a config union)."""
+    classes: list[type] = []
+    for entry in registry.values():
+        module_name, class_name = entry.split(":")
+        config_class = getattr(import_module(f".{module_name}", package), class_name).config_class
+        if config_class not in classes:
+            classes.append(config_class)
+    return tuple(classes)

@@ -9,14 +9,28 @@ linear layers, so the pretrained model is the same network with the adapters off
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config_base import StrictConfig
 from ..mdp.schedules import NoiseSchedule
 from ..shipped import load_weights_into
 from .base import Backend
 from .lora import adapters_disabled, add_lora, lora_parameters
 from .nets import timestep_embedding
+
+
+class DigitsModelConfig(StrictConfig):
+    """The built-in 8×8 digits diffusion model (pretrained on scikit-learn's digits), finetuned with LoRA."""
+
+    kind: Literal["digits"] = "digits"
+    weights: str | None = Field(None, description="safetensors file from `nablagfn pretrain digits`; None: shipped")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float | None = Field(None, gt=0, description="None: equal to lora_rank")
+
 
 DIGITS_SHAPE = (1, 8, 8)
 SHIPPED_UNET = "digits_unet.safetensors"
@@ -103,6 +117,8 @@ def load_digits_unet(weights: str | None) -> DigitsUNet:
 class DigitsBackend(Backend):
     """The pretrained digits UNet with LoRA adapters; unconditional (one condition, id 0)."""
 
+    config_class = DigitsModelConfig
+
     def __init__(self, unet: DigitsUNet, lora_rank: int = 8, lora_alpha: float | None = None):
         super().__init__()
         self._lora = (lora_rank, lora_alpha)
@@ -118,14 +134,12 @@ class DigitsBackend(Backend):
     @classmethod
     def pretrained(cls, lora_rank: int = 8, lora_alpha: float | None = None) -> "DigitsBackend":
         """The shipped digits model with a fresh LoRA adapter (what ``model.kind=digits`` builds)."""
-        from ..config import DigitsModelConfig
         from . import build_backend
 
         return build_backend(DigitsModelConfig(lora_rank=lora_rank, lora_alpha=lora_alpha))
 
     def describe(self):
         """The LoRA settings (the UNet's weights are not recorded: the run is handed over)."""
-        from ..config import DigitsModelConfig
 
         return DigitsModelConfig(lora_rank=self._lora[0], lora_alpha=self._lora[1])
 

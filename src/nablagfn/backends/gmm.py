@@ -9,17 +9,72 @@ layer starts at zero, so finetuned = pretrained at initialisation.
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from ..config_base import StrictConfig
 from ..mdp.schedules import NoiseSchedule
 from ..mixture import GaussianMixture
 from .base import Backend
 from .nets import TimeConditionedMLP
 
 
+def _ring(modes: int = 8, radius: float = 3.0) -> list[list[float]]:
+    return [
+        [round(radius * math.cos(2 * math.pi * k / modes), 6), round(radius * math.sin(2 * math.pi * k / modes), 6)]
+        for k in range(modes)
+    ]
+
+
+class ScheduleConfig(StrictConfig):
+    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+
+class GMMModelConfig(StrictConfig):
+    """Gaussian mixture in R^d with the exact pretrained ε (default: 8-mode ring, radius 3, std 0.3)."""
+
+    kind: Literal["gmm"] = "gmm"
+    means: list[list[float]] = Field(default_factory=_ring)
+    stds: list[float] = Field(default_factory=lambda: [0.3] * 8)
+    weights: list[float] | None = None  # None: equal weights
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    hidden: int = Field(128, ge=1)
+    layers: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "GMMModelConfig":
+        if not self.means:
+            raise ValueError("model.means: at least one mean is needed")
+        dim = len(self.means[0])
+        if dim == 0 or any(len(m) != dim for m in self.means):
+            raise ValueError("model.means: every mean must have the same, non-zero, length")
+        if len(self.stds) != len(self.means):
+            raise ValueError(f"model.stds: expected {len(self.means)} values (one per mean), got {len(self.stds)}")
+        if any(s <= 0 for s in self.stds):
+            raise ValueError("model.stds: every std must be > 0")
+        if self.weights is not None:
+            if len(self.weights) != len(self.means):
+                raise ValueError(f"model.weights: expected {len(self.means)} values, got {len(self.weights)}")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("model.weights: weights must be ≥ 0 with a positive sum")
+        return self
+
+    @property
+    def dim(self) -> int:
+        return len(self.means[0])
+
+
 class GaussianMixtureBackend(Backend):
     """Exact pretrained ε of a Gaussian mixture + a zero-initialised residual MLP (the adapter)."""
+
+    config_class = GMMModelConfig
 
     def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule, hidden: int = 128, layers: int = 3):
         super().__init__()
@@ -42,8 +97,6 @@ class GaussianMixtureBackend(Backend):
 
     def describe(self):
         """The mixture and the residual network's size (the schedule is not recorded: the run is handed over)."""
-        from ..config import GMMModelConfig
-
         return GMMModelConfig(
             means=self.mixture.means.tolist(), stds=self.mixture.stds.tolist(), weights=self.mixture.weights.tolist(),
             hidden=self._hidden, layers=self._layers,

@@ -17,9 +17,21 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from ..config_base import StrictConfig
 from ..errors import ConfigError
+
+
+class PromptsConfig(StrictConfig):
+    """Where prompts come from: ``animals`` (45 built-in names) or a file (.txt one per line, .json list, .csv)."""
+
+    source: str | list[str] = Field("animals", description="animals, a prompt file, or the prompts themselves (a list)")
+    column: str = Field("prompt", description="CSV column holding the prompt")
+    held_out: float = Field(0.0, ge=0, lt=1, description="fraction of prompts kept for evaluation only")
+    seed: int = Field(0, description="seed of the held-out split")
+
 
 #: built-in prompt lists: name → file in nablagfn/data
 BUILTIN_PROMPTS = {"animals": "animals.txt"}

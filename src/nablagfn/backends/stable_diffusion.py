@@ -13,16 +13,54 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.utils.checkpoint
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from ..config_base import StrictConfig
 from ..errors import ConfigError
 from ..loading import offline_hint, resolve_dir
 from ..mdp.schedules import NoiseSchedule
 from .base import Backend
-from .prompts import PromptTable, build_prompt_table
+from .prompts import PromptsConfig, PromptTable, build_prompt_table
+
+
+class StableDiffusionModelConfig(StrictConfig):
+    """A diffusers Stable Diffusion pipeline (local directory or hub id) finetuned with peft LoRA."""
+
+    kind: Literal["stable_diffusion"] = "stable_diffusion"
+    path: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="diffusers pipeline directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+        "scheduler/) or hub id",
+    )
+    revision: str | None = Field(None, description="hub revision (hub ids only)")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="base weights; trainable ones are fp32")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float | None = Field(None, gt=0, description="None: equal to lora_rank")
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    guidance_scale: float = Field(5.0, ge=1, description="classifier-free guidance (1 = none)")
+    negative_prompt: str = ""
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    flow_channels: list[int] = Field(
+        default_factory=lambda: [64, 128, 256, 256],
+        min_length=1,
+        description="g_φ's UNet widths, one block each; every width a multiple of 8",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute UNet, VAE and flow-network activations in backward (less memory, slower)"
+    )
+    sample_batch_size: int = Field(8, ge=1, description="trajectories per sampling batch and images per decode")
+
+    @model_validator(mode="after")
+    def _flow_widths(self) -> "StableDiffusionModelConfig":
+        if any(width < 8 or width % 8 for width in self.flow_channels):
+            raise ValueError(f"model.flow_channels: every width must be a multiple of 8, got {self.flow_channels}")
+        return self
+
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: what a pipeline directory must hold
@@ -114,6 +152,8 @@ class FlowScoreUNet(nn.Module):
 
 class StableDiffusionBackend(Backend):
     """SD's UNet (frozen, ``model.dtype``) + an fp32 LoRA adapter; guided ε; VAE decoding; cached prompt embeddings."""
+
+    config_class = StableDiffusionModelConfig
 
     def __init__(
         self,
@@ -216,8 +256,6 @@ class StableDiffusionBackend(Backend):
         Returns:
             The backend; a run made with it records the pipeline's name or path and lists the model as handed over.
         """
-        from ..config import PromptsConfig, StableDiffusionModelConfig
-
         missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                    if getattr(pipe, name, None) is None]
         if missing:

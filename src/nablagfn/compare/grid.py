@@ -13,7 +13,8 @@ from multiprocessing import current_process, get_context
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, flatten, load_config, parse_override, read_yaml_mapping
+from ..config import RunConfig
+from ..config_loading import flatten, load_config, parse_override, read_yaml_mapping
 from ..errors import CheckpointError, ConfigError
 from ..methods import METHODS
 

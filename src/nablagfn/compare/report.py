@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
+from ..config_loading import load_config
 from ..errors import ConfigError
 from ..methods import METHODS
 from .grid import RunSpec, run_name, run_state

@@ -14,17 +14,36 @@ import pickle
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config_base import StrictConfig
 from ..errors import ConfigError
 from ..loading import resolve_file
 from ..rewards.classifier import ClassifierReward, DigitClassifier, load_digit_classifier
 from ..rewards.clip_rewards import ClipImageEncoder
 from ..rewards.preprocess import to_rgb
 from .metrics import Distance
+
+
+class EvalConfig(StrictConfig):
+    """Sample metrics of each evaluation beyond the reward: diversity and FID to the pretrained model, per prompt."""
+
+    features: Literal["auto", "classifier", "clip", "dreamsim", "inception", "pixels"] = Field(
+        "auto", description="feature extractor of the diversity and FID; auto: classifier for digits, clip for "
+        "Stable Diffusion when a CLIP is at hand (eval.features_path or the reward's), else none"
+    )
+    features_path: str | None = Field(
+        None, description="its weights: classifier safetensors, CLIP directory or hub id, DreamSim cache directory, "
+        "FID Inception .pth; None: the shipped classifier / the reward's CLIP or openai/clip-vit-large-patch14"
+    )
+    prior_fid: bool = Field(True, description="report fid_to_pretrained (pretrained samples drawn once per run)")
+    batch_size: int = Field(32, ge=1, description="images per feature-extractor batch")
+
 
 KEY = "eval.features_path"
 #: what the errors about missing weights or packages suggest instead

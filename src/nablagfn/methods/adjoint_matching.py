@@ -38,11 +38,37 @@ step from the earliest chosen one to the end.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from ..config_base import StrictConfig
 from ..mdp.rollout import Trajectories
-from .base import Method, batch_mean, subsample_steps
+from .base import Method, RewardSmoothingConfig, SubsampleConfig, batch_mean, subsample_steps
+
+
+class AdjointMatchingConfig(StrictConfig):
+    """Adjoint Matching (Domingo-Enrich et al. 2024): lean adjoint through the pretrained model, control
+    regression; target ∝ p_pretrained · exp(β log R). Needs a memoryless sampler (DDPM: DDIM η = 1, or
+    first-order SDE-DPM-Solver++). Best with ``train.on_policy=true`` (the paper's setting)."""
+
+    name: Literal["adjoint_matching"] = "adjoint_matching"
+    beta: float = Field(
+        0.5, gt=0, description="the paper's reward multiplier λ: target ∝ p_pretrained · R^β; lean adjoint "
+        "ã_K = −β ∇ log R(x_K)"
+    )
+    prior_strength: Literal[1.0] = Field(
+        1.0, description="fixed at 1: Adjoint Matching keeps the pretrained model with exponent 1 (the target is "
+        "p_pretrained · R^β)"
+    )
+    subsample: SubsampleConfig = Field(
+        default_factory=SubsampleConfig,
+        description="steps of each trajectory the loss is evaluated on (the last one always); the lean adjoint is "
+        "propagated through every step regardless",
+    )
+    reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
 
 
 def memoryless_problem(kernel, alphas_cumprod: Tensor) -> str | None:
@@ -63,6 +89,8 @@ def memoryless_problem(kernel, alphas_cumprod: Tensor) -> str | None:
 
 
 class AdjointMatching(Method):
+    config_class = AdjointMatchingConfig
+
     def __init__(self, config, backend, reward, kernel):
         super().__init__(config, backend, reward, kernel)
         problem = memoryless_problem(kernel, backend.schedule.alphas_cumprod)

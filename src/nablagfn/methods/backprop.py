@@ -25,13 +25,90 @@ samples only conditions for these methods; their log has ``loss/log_reward_mean`
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..config_base import StrictConfig
 from ..mdp.rollout import EpochConditions
 from .base import Method
+
+
+def _check_fraction_range(value: tuple[float, float], key: str) -> None:
+    low, high = value
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"method.{key}: need 0 ≤ low ≤ high ≤ 1, got {list(value)}")
+
+
+class _BackpropConfig(StrictConfig):
+    """Keys shared by the reward maximisers that backpropagate through sampling (no prior, no target
+    distribution): loss = reward_weight · mean(shaped(−log R)) of freshly sampled chains."""
+
+    reward_weight: float = Field(
+        1.0, gt=0, description="scale of the loss −log R (ReFL's code: grad_scale 1e-3 with lr 1e-5); with Adam it "
+        "matters mainly through gradient clipping"
+    )
+    shaping: Literal["none", "hinge", "relu"] = Field(
+        "none", description="none: −log R; hinge: ReLU(margin − log R) (ReFL's code, margin 2); relu: −ReLU(log R) "
+        "(the ∇-GFlowNet paper's ReFL/DRaFT baselines)"
+    )
+    hinge_margin: float = Field(2.0, description="the margin of shaping=hinge")
+    checkpoint_steps: bool = Field(
+        False, description="recompute each sampler step with gradient in the backward pass (torch.utils.checkpoint): "
+        "memory of one step instead of all of them, about one more forward pass of time"
+    )
+
+
+class ReFLConfig(_BackpropConfig):
+    """ReFL: stop at a random late step, one step with gradient to x̂, maximise the reward of its decoding."""
+
+    name: Literal["refl"] = "refl"
+    stop_range: tuple[float, float] = Field(
+        (0.7, 1.0), description="the stop state s is drawn uniformly from round(low·K) … round(high·K) − 1 (one per "
+        "minibatch); the default gives states 35–49 of 50 (the ∇-GFlowNet paper), (0.75, 1.0) gives ReFL's 30–39 of 40"
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> "ReFLConfig":
+        _check_fraction_range(self.stop_range, "stop_range")
+        return self
+
+
+class DRaFTConfig(_BackpropConfig):
+    """DRaFT-K: backpropagate the final reward through the last K sampler steps."""
+
+    name: Literal["draft"] = "draft"
+    backprop_steps: int = Field(1, ge=1, description="K: gradient through the last K steps only (DRaFT-1 is typical)")
+
+
+class DRaFTLVConfig(_BackpropConfig):
+    """DRaFT-LV: DRaFT-1 with extra noise-then-denoise steps on the final sample (lower-variance gradient)."""
+
+    name: Literal["draft_lv"] = "draft_lv"
+    copies: int = Field(2, ge=1, description="n: noise-then-denoise copies of each final sample (DRaFT: n = 2)")
+    include_sampled_step: bool = Field(
+        False, description="also backpropagate through the chain's own last step (average over 1 + n copies); "
+        "DRaFT's algorithm detaches the sample and uses the n copies only"
+    )
+
+
+class AlignPropConfig(_BackpropConfig):
+    """AlignProp: backpropagate through the whole chain (gradient checkpointing, random truncation)."""
+
+    name: Literal["alignprop"] = "alignprop"
+    truncation: tuple[float, float] = Field(
+        (0.1, 0.3), description="gradient through the last T steps, T drawn uniformly from round(low·K) … "
+        "round(high·K) (at least 1) per minibatch; AlignProp's default: the last 5–15 of 50; (1, 1): the whole chain"
+    )
+    checkpoint_steps: bool = Field(True, description="per-step gradient checkpointing (on by default for AlignProp)")
+
+    @model_validator(mode="after")
+    def _range(self) -> "AlignPropConfig":
+        _check_fraction_range(self.truncation, "truncation")
+        return self
 
 
 def round_half_up(value: float) -> int:
@@ -116,6 +193,8 @@ class ReFL(BackpropThroughSampling):
     """ReFL (Xu et al. 2023): sample without gradient to a random late state s, then one ε call with
     gradient to the clean prediction x̂_θ(x_s) (eq. 2), decode, maximise its reward."""
 
+    config_class = ReFLConfig
+
     def stop_range(self) -> tuple[int, int]:
         """The inclusive range of stop states, from ``method.stop_range`` (fractions of K)."""
         (low, high), num_steps = self.config.stop_range, self.kernel.num_steps
@@ -132,6 +211,8 @@ class ReFL(BackpropThroughSampling):
 
 class DRaFT(BackpropThroughSampling):
     """DRaFT-K (Clark et al. 2024): the final log R backpropagated through the last K steps only."""
+
+    config_class = DRaFTConfig
 
     def __init__(self, config, backend, reward, kernel):
         super().__init__(config, backend, reward, kernel)
@@ -152,6 +233,8 @@ class DRaFTLV(BackpropThroughSampling):
     Re-noising uses the noising kernel from the final state's ᾱ (t = 0, slightly below 1) to the last
     step's, so x̃ has the distribution the last step expects. With ``include_sampled_step`` the chain's own
     last step also carries gradient (DRaFT-1 plus the n copies, averaged over 1 + n)."""
+
+    config_class = DRaFTLVConfig
 
     def renoise(self, final: Tensor, generator: torch.Generator) -> Tensor:
         """n copies of each x_K drawn from q(x_{K−1} | x_K), stacked copy-major → (n·B, …)."""
@@ -178,6 +261,8 @@ class DRaFTLV(BackpropThroughSampling):
 class AlignProp(BackpropThroughSampling):
     """AlignProp (Prabhudesai et al. 2023): gradient through the last T steps of the chain, T drawn per
     minibatch (randomised truncation), each step checkpointed (``checkpoint_steps``, on by default)."""
+
+    config_class = AlignPropConfig
 
     def truncation_range(self) -> tuple[int, int]:
         """The inclusive range of T, from ``method.truncation`` (fractions of K)."""

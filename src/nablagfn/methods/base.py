@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from ..backends.base import Backend
+from ..config_base import StrictConfig
 from ..mdp.gaussian import GaussianKernel
 from ..mdp.noising import NoisingKernel
 from ..mdp.rollout import Trajectories
 from ..mdp.shapes import per_sample
 from ..rewards.base import Reward
+
+
+class SubsampleConfig(StrictConfig):
+    """Which transitions of each trajectory are trained on (the last one always is)."""
+
+    kind: Literal["stratified", "uniform", "all"] = "stratified"
+    fraction: float = Field(0.1, gt=0, le=1)
+
+
+class RewardSmoothingConfig(StrictConfig):
+    """∇ log R averaged over ``samples`` draws of N(0, noise²) added in reward space (§4.3, c = noise)."""
+
+    noise: float = Field(0.0, ge=0)
+    samples: int = Field(1, ge=1)
 
 
 @dataclass

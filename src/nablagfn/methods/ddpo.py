@@ -27,11 +27,35 @@ The per-prompt buffers are module buffers in ``self.networks`` so they are check
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config_base import StrictConfig
 from ..mdp.rollout import Trajectories
-from .base import Method, subsample_steps
+from .base import Method, SubsampleConfig, subsample_steps
+
+
+class DDPOConfig(StrictConfig):
+    """DDPO: PPO-clipped policy gradient on the kernel log-probs, per-prompt advantage normalisation.
+
+    On-policy in the reference: set ``train.on_policy=true`` (off-policy data is stale by an epoch of
+    updates, so most ratios leave the tiny clip range and stop contributing). Defaults are the reference's."""
+
+    name: Literal["ddpo"] = "ddpo"
+    clip_range: float = Field(1e-4, gt=0, description="PPO clip ε: ratios outside 1 ± ε stop contributing")
+    advantage_clip: float = Field(5.0, gt=0, description="advantages are clipped to ± this")
+    per_prompt: bool = Field(
+        True, description="normalise rewards per prompt with its recent rewards (else by minibatch statistics)"
+    )
+    buffer_size: int = Field(16, ge=2, description="recent rewards kept per prompt for the normalisation")
+    min_count: int = Field(16, ge=2, description="rewards a prompt needs before its own statistics are used")
+    subsample: SubsampleConfig = Field(
+        default_factory=lambda: SubsampleConfig(kind="all", fraction=1.0),
+        description="which steps of each trajectory are trained on (the reference: all)",
+    )
 
 
 class PromptRewardBuffer(nn.Module):
@@ -93,6 +117,8 @@ def ppo_clipped_loss(
 
 
 class DDPO(Method):
+    config_class = DDPOConfig
+
     needs_reward_gradient = False
 
     def __init__(self, config, backend, reward, kernel):

@@ -40,11 +40,57 @@ Choices (docs/methods.md):
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from .base import Method, TransitionBatch, batch_mean, make_transitions, subsample_steps
+from ..config_base import StrictConfig
+from .base import Method, SubsampleConfig, TransitionBatch, batch_mean, make_transitions, subsample_steps
+
+
+class _DetailedBalanceConfig(StrictConfig):
+    """Keys shared by the scalar-flow DB methods (DAG-DB, residual DB). See docs/methods.md."""
+
+    beta: float = Field(
+        0.5, gt=0, description="β of the target (R^β for DAG-DB, p_pretrained·R^β for residual DB), in the exact "
+        "(summed log-density) convention whatever log_prob_reduction is",
+    )
+    beta_ramp: float = Field(
+        0.5, ge=0, le=1,
+        description="β rises linearly from 0 over this fraction of the updates (DAG reference: the first half); 0: none",
+    )
+    output_reg: float = Field(1.0, ge=0, description="λ of λ‖ε_θ − ε_behaviour‖² (element mean; reference: 1)")
+    log_prob_reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description="mean: the DB residual per state element (the reference averages log-probs over latent elements), "
+        "sum: in nats; both have the target R^β (the reference's β equals beta / number of elements)",
+    )
+    subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
+
+
+class ResidualDBConfig(_DetailedBalanceConfig):
+    """Residual detailed balance (eq. 20): DB in log-densities against the pretrained model, scalar residual flow."""
+
+    name: Literal["residual_db"] = "residual_db"
+    lookahead: Literal["finetuned", "pretrained"] = Field(
+        "pretrained", description="model whose one-step prediction x̂(x_k) gives the forward-looking log R (paper: "
+        "finetuned, which diverged on the Gaussian mixture)",
+    )
+    prior_strength: float = Field(
+        1.0, ge=0, description="η: target ∝ R^β · p_pretrained^η (η ≠ 1 adds (1 − η) log P_B to the balance)"
+    )
+
+
+class DAGDBConfig(_DetailedBalanceConfig):
+    """DAG-DB: GFlowNet detailed balance with a scalar flow network, forward-looking with the predicted reward."""
+
+    name: Literal["dag_db"] = "dag_db"
+    lookahead: Literal["finetuned", "pretrained"] = Field(
+        "finetuned", description="model whose one-step prediction x̂(x_k) gives the forward-looking log R (reference: "
+        "finetuned)",
+    )
 
 
 def gaussian_log_density(x: Tensor, mean: Tensor, variance: Tensor) -> Tensor:
@@ -68,6 +114,8 @@ class ScalarFlow(nn.Module):
 
 class ResidualDB(Method):
     """Residual DB (η = ``prior_strength``, 1 by default); ``DAGDB`` is the η = 0 case."""
+
+    config_class = ResidualDBConfig
 
     #: the balance uses the reward's value only (works with JPEG compressibility)
     needs_reward_gradient = False
@@ -171,6 +219,8 @@ class ResidualDB(Method):
 
 class DAGDB(ResidualDB):
     """DAG-DB: η = 0, the backward policy is the noising kernel; target ∝ R^β."""
+
+    config_class = DAGDBConfig
 
     @property
     def prior_strength(self) -> float:

@@ -37,12 +37,65 @@ RAFT, whose tilt compounds every round (a reward maximiser without a fixed targe
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
+from ..config_base import StrictConfig
 from ..mdp.rollout import Trajectories, rollout
 from .base import Method, batch_mean
+
+
+class GRAFTConfig(StrictConfig):
+    """GRAFT: rejection-sampling finetuning (top-K, threshold, or exact rejection sampling of the tilt).
+
+    With ``selection=rejection`` and ``proposal=pretrained`` the accepted samples follow p·R^β exactly
+    (β = 1/α, the acceptance temperature's inverse), so the target is R^β · p_pretrained (η = 1)."""
+
+    name: Literal["graft"] = "graft"
+    beta: float = Field(0.5, gt=0, description="β = 1/α: rejection sampling accepts with exp(β (log R − max))")
+    selection: Literal["rejection", "top_k", "threshold"] = Field(
+        "rejection", description="rejection: accept w.p. exp(β(log R − max)); top_k: the best; threshold: log R ≥"
+    )
+    top_k_fraction: float = Field(0.25, gt=0, le=1, description="top_k: K/M, the share of each group kept")
+    threshold: float | None = Field(None, description="threshold: accept log R ≥ this (required for it)")
+    log_reward_max: float | None = Field(
+        None, description="rejection: a known upper bound of log R; None: each group's maximum (approximate)"
+    )
+    group: Literal["batch", "prompt"] = Field(
+        "batch", description="top_k and the rejection maximum compare within the minibatch, or per prompt in it"
+    )
+    proposal: Literal["pretrained", "current"] = Field(
+        "pretrained",
+        description="pretrained: fresh pretrained samples each minibatch (exact tilt of p); current: the trainer's "
+        "samples of the finetuned model (iterated, RAFT-style: the tilt compounds every round)",
+    )
+    timesteps: Literal["sampler", "uniform"] = Field(
+        "sampler", description="denoising-loss timesteps: those of the steps the finetuned model takes, or uniform"
+    )
+
+    @property
+    def prior_strength(self) -> float:
+        """η = 1, fixed: rejection sampling from the pretrained model keeps it as the prior."""
+        return 1.0
+
+    @model_validator(mode="after")
+    def _threshold_given(self) -> "GRAFTConfig":
+        if self.selection == "threshold" and self.threshold is None:
+            raise ValueError("method.threshold: selection=threshold needs a log-reward threshold")
+        return self
+
+
+class PGRAFTConfig(GRAFTConfig):
+    """P-GRAFT: GRAFT on the intermediate states at noise level t_I; pretrained model below t_I."""
+
+    name: Literal["pgraft"] = "pgraft"
+    intermediate_fraction: float = Field(
+        0.5, gt=0, le=1,
+        description="share of sampler steps the finetuned model takes: k_I = round(fraction·K) (t_I = its timestep)",
+    )
 
 
 def group_ids(cond: Tensor, by_prompt: bool) -> Tensor:
@@ -82,6 +135,8 @@ def partial_noising(data: Tensor, noise: Tensor, abar: Tensor, abar_data: float)
 
 
 class GRAFT(Method):
+    config_class = GRAFTConfig
+
     needs_reward_gradient = False
 
     @property
@@ -167,6 +222,8 @@ class GRAFT(Method):
 
 class PGRAFT(GRAFT):
     """GRAFT with the kept sample x_{k_I} at an intermediate level; the finetuned model takes steps k < k_I."""
+
+    config_class = PGRAFTConfig
 
     @property
     def data_state(self) -> int:

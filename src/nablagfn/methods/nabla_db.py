@@ -15,11 +15,25 @@ sampled x_{k+1} in it by its mean under the policy (closed form: P_B is linear-G
 
 from __future__ import annotations
 
-from .residual_nabla_db import ResidualNablaDB
+from typing import Literal
+
+from .residual_nabla_db import ResidualNablaDB, _GradientFlowConfig
+
+
+class NablaDBConfig(_GradientFlowConfig):
+    """∇-DB without a prior (eq. 7–9): target ∝ R^β, backward policy = the noising kernel."""
+
+    name: Literal["nabla_db"] = "nabla_db"
+    reverse_target: Literal["expected", "sampled"] = "expected"
+    # without the prior the targets carry 1/(1 − r) times the policy's error: these weightings keep it stable
+    forward_weighting: Literal["eps", "score"] = "score"
+    reverse_weighting: Literal["score", "variance"] = "variance"
 
 
 class NablaDB(ResidualNablaDB):
     """Residual ∇-DB at η = 0, with g_φ detached in the forward loss and a first-order reverse loss."""
+
+    config_class = NablaDBConfig
 
     prior_strength = 0.0
     detach_flow_in_forward = True

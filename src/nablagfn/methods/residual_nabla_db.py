@@ -43,12 +43,58 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from ..config_base import StrictConfig
 from ..mdp.shapes import per_sample
-from .base import Method, TransitionBatch, batch_mean
+from .base import Method, RewardSmoothingConfig, SubsampleConfig, TransitionBatch, batch_mean
+
+
+class _GradientFlowConfig(StrictConfig):
+    """Keys shared by the ∇-DB family: look-ahead flow score (eq. 15), loss weights, subsampling, smoothing."""
+
+    beta: float = Field(0.5, gt=0)
+    gamma: Literal["alpha_bar", "sqrt_alpha_bar", "one"] = "sqrt_alpha_bar"
+    lookahead: Literal["pretrained", "finetuned"] = "pretrained"
+    weight_forward: float = Field(1.0, ge=0)
+    weight_reverse: float = Field(1.0, ge=0)
+    weight_terminal: float = Field(1.0, ge=0)
+    output_reg: float = Field(0.0, ge=0)
+    subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
+    reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
+
+
+class ResidualNablaDBConfig(_GradientFlowConfig):
+    """Residual ∇-DB with forward-looking flow (eq. 16–19). See docs/methods.md."""
+
+    name: Literal["residual_nabla_db"] = "residual_nabla_db"
+    prior_strength: float = Field(1.0, ge=0, description="η: target ∝ R^β · p_pretrained^η")
+    forward_weighting: Literal["eps", "score"] = "eps"
+    reverse_weighting: Literal["score", "variance"] = "score"
+    reverse_target: Literal["propagated", "expected", "sampled"] = "propagated"
+    detach_flow_in_forward: bool = True
+    second_order: bool = False
+    policy_target: Literal["tilted_score", "detailed_balance"] = Field(
+        "tilted_score", description="tilted_score: ε_θ(x_k) → η ε#(x_k) − √(1 − ᾱ_k) ∇ log F̃(x_k); detailed_balance: "
+        "eq. 16 (the paper)"
+    )
+    flow_oracle: bool = Field(
+        False, description="diagnostic: the forward loss uses the exact flow score ∇ log F̃ instead of the learned "
+        "one (model.kind=gmm with a gaussian or linear reward and prior_strength 1)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ResidualNablaDBConfig":
+        if self.second_order and self.reverse_target != "sampled":
+            raise ValueError(
+                "method.second_order: needs method.reverse_target=sampled (the other targets have no policy term)"
+            )
+        return self
+
 
 #: bands of sampler steps over which the errors against the exact flow score are logged
 ERROR_BANDS = 5
@@ -98,6 +144,8 @@ class PretrainedEps:
 
 
 class ResidualNablaDB(Method):
+    config_class = ResidualNablaDBConfig
+
     #: ∇ log F̃ in closed form, ``(x, timestep) → score`` (``rewards.vector.ExactFlowScore``), set by the run when
     #: it knows it; None otherwise
     exact_flow_score: Callable[[Tensor, Tensor], Tensor] | None = None

@@ -6,11 +6,24 @@ p(x | y = k), so real digits of class k are the ground truth to compare with.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config_base import StrictConfig
 from ..shipped import load_weights_into
 from .base import Reward
+
+
+class ClassifierRewardConfig(StrictConfig):
+    """log p(y = digit | x) under the shipped digits classifier (digits model only)."""
+
+    kind: Literal["classifier"] = "classifier"
+    digit: int = Field(3, ge=0, le=9)
+    weights: str | None = Field(None, description="safetensors file from `nablagfn pretrain classifier`; None: shipped")
+
 
 SHIPPED_CLASSIFIER = "digits_classifier.safetensors"
 
@@ -49,6 +62,8 @@ def load_digit_classifier(weights: str | None, key: str = "reward.weights") -> D
 
 class ClassifierReward(Reward):
     """log R(x) = log p(y = digit | x) (log-softmax of the classifier's logits)."""
+
+    config_class = ClassifierRewardConfig
 
     def __init__(self, classifier: DigitClassifier, digit: int):
         super().__init__()

@@ -11,16 +11,51 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config_base import StrictConfig
 from ..errors import ConfigError
 from ..loading import MODEL_FILES, resolve_dir, resolve_file
 from ..loading import TOKENIZER_FILES as TOKENIZER_PATTERNS
 from .base import Reward
 from .preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+
+
+class AestheticRewardConfig(StrictConfig):
+    """LAION aesthetic predictor: CLIP ViT-L/14 image features (L2-normalised) → MLP."""
+
+    kind: Literal["aesthetic"] = "aesthetic"
+    clip_model: str = Field("openai/clip-vit-large-patch14", description="transformers CLIP directory or hub id")
+    head: str = Field(
+        "camenduru/improved-aesthetic-predictor:sac+logos+ava1-l14-linearMSE.pth",
+        description="the MLP's .pth file: a local path or owner/repo:filename",
+    )
+
+
+class PickScoreRewardConfig(StrictConfig):
+    """PickScore: a CLIP ViT-H-14 finetuned on Pick-a-Pic; score = logit scale × image–text cosine."""
+
+    kind: Literal["pickscore"] = "pickscore"
+    model: str = Field("yuvalkirstain/PickScore_v1", description="transformers CLIP directory or hub id")
+    tokenizer: str = Field(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        description="processor directory or hub id: CLIP tokenizer (vocab.json, merges.txt) and preprocessor_config.json",
+    )
+
+
+class ClipScoreRewardConfig(StrictConfig):
+    """CLIP score: image–text cosine similarity (× 100) of a transformers CLIP model."""
+
+    kind: Literal["clip"] = "clip"
+    model: str = Field(
+        "openai/clip-vit-large-patch14", description="transformers CLIP directory (with its tokenizer) or hub id"
+    )
+
 
 #: CLIP's text context length
 MAX_TOKENS = 77
@@ -148,6 +183,8 @@ class AestheticReward(_ClipImageReward):
     Only the vision tower of the CLIP model is kept.
     """
 
+    config_class = AestheticRewardConfig
+
     def __init__(self, clip: nn.Module, head: AestheticHead, normalisation: Normalisation) -> None:
         super().__init__(clip, normalisation)
         width = self.encoder.visual_projection.out_features
@@ -211,6 +248,8 @@ class PickScoreReward(_PromptAlignmentReward):
     normalisation from ``tokenizer`` (the processor directory laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
     """
 
+    config_class = PickScoreRewardConfig
+
     @classmethod
     def from_config(cls, config) -> PickScoreReward:
         clip, model_dir = _load_clip(config.model, "reward.model")
@@ -226,6 +265,8 @@ class ClipScoreReward(_PromptAlignmentReward):
 
     Unlike the evaluation metric, the cosine is not clipped at 0, so the gradient never vanishes.
     """
+
+    config_class = ClipScoreRewardConfig
 
     @classmethod
     def from_config(cls, config) -> ClipScoreReward:

@@ -14,16 +14,37 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
+if TYPE_CHECKING:
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from ..config_base import StrictConfig
 from ..errors import ConfigError
 from ..loading import TOKENIZER_FILES, resolve_dir, resolve_file
 from .base import Reward
 from .preprocess import clip_preprocess
+
+
+class HPSv2RewardConfig(StrictConfig):
+    """HPSv2 / HPSv2.1: OpenCLIP ViT-H-14 with the HPS checkpoint; score = image–text cosine (as hpsv2.score)."""
+
+    kind: Literal["hpsv2"] = "hpsv2"
+    version: Literal["v2.0", "v2.1"] = "v2.1"
+    checkpoint: str | None = Field(
+        None,
+        description="HPS .pt file: a local path or owner/repo:filename; None: xswu/HPSv2's "
+        "HPS_v2_compressed.pt (v2.0) or HPS_v2.1_compressed.pt (v2.1)",
+    )
+    tokenizer: str = Field(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="CLIP tokenizer directory (vocab.json, merges.txt) or hub id"
+    )
+
 
 HUB_REPO = "xswu/HPSv2"
 #: reward.version → checkpoint file in HUB_REPO (as in the official package's ``hps_version_map``)
@@ -82,6 +103,8 @@ def _heads(width: int, head_width: int, tower: str) -> int:
 
 def clip_config_from_open_clip(state_dict: dict[str, Tensor]) -> CLIPConfig:
     """The transformers config of an open_clip ViT CLIP: sizes read from its tensors, heads = width / head width."""
+    from transformers import CLIPConfig
+
     patch_weight = state_dict["visual.conv1.weight"]  # (width, 3, patch, patch)
     vision_width, patch_size = patch_weight.shape[0], patch_weight.shape[-1]
     num_patches = state_dict["visual.positional_embedding"].shape[0] - 1
@@ -148,6 +171,8 @@ def convert_open_clip_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Ten
 
 def clip_model_from_open_clip(state_dict: dict[str, Tensor]) -> CLIPModel:
     """A transformers ``CLIPModel`` (fp32, eval) carrying exactly the weights of an open_clip ViT CLIP state dict."""
+    from transformers import CLIPModel
+
     config = clip_config_from_open_clip(state_dict)
     model, info = CLIPModel.from_pretrained(
         None,
@@ -164,6 +189,8 @@ def clip_model_from_open_clip(state_dict: dict[str, Tensor]) -> CLIPModel:
 
 class HPSv2Reward(Reward):
     """log R(y | prompt) = HPSv2 score: cosine of the OpenCLIP ViT-H-14 (HPS-finetuned) image and prompt features."""
+
+    config_class = HPSv2RewardConfig
 
     uses_prompts = True
 
@@ -199,6 +226,8 @@ class HPSv2Reward(Reward):
                 f"reward.checkpoint: {str(path)!r} is not an HPS (open_clip ViT) checkpoint "
                 f"({type(error).__name__}: {detail})"
             ) from None
+        from transformers import CLIPTokenizer
+
         return cls(model, CLIPTokenizer.from_pretrained(tokenizer_dir))
 
     def tokenize(self, prompts: list[str]) -> Tensor:

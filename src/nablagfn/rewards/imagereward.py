@@ -21,15 +21,32 @@ import re
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config_base import StrictConfig
 from ..errors import ConfigError
 from ..loading import resolve_dir, resolve_file
 from .base import Reward
 from .preprocess import clip_preprocess
+
+
+class ImageRewardConfig(StrictConfig):
+    """ImageReward (BLIP ViT-L + BERT cross-attention + MLP), forward pass rebuilt differentiably."""
+
+    kind: Literal["imagereward"] = "imagereward"
+    checkpoint: str = Field(
+        "THUDM/ImageReward:ImageReward.pt", description="the official state dict: local path or owner/repo:filename"
+    )
+    tokenizer: str = Field(
+        "google-bert/bert-base-uncased",
+        description="BERT-base-uncased vocabulary: a directory holding vocab.txt, the file itself, or a hub id",
+    )
+
 
 #: normalisation of the raw head output, from the official ImageReward code
 REWARD_MEAN = 0.16717362830052426
@@ -332,6 +349,8 @@ def load_blip_tokenizer(source: str, key: str = "reward.tokenizer"):
 
 class ImageRewardModel(Reward):
     """log R(y | prompt) = ImageReward score of image y for its prompt (normalised, roughly zero-mean unit-variance)."""
+
+    config_class = ImageRewardConfig
 
     uses_prompts = True
 

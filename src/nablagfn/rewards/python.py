@@ -85,6 +85,8 @@ class CallableReward(Reward):
         uses_prompts: whether ``fn`` reads the prompts (a model without text then gives an error, not empty strings).
     """
 
+    config_class = PythonRewardConfig
+
     def __init__(self, fn: RewardFunction, differentiable: bool = True, uses_prompts: bool = False):
         super().__init__()
         if not callable(fn):

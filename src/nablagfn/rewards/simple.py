@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import io
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from ..config_base import StrictConfig
 from .base import Reward
+
+
+class BrightnessRewardConfig(StrictConfig):
+    """Mean pixel intensity in [0, 1] (weight-free, differentiable; for demos and tests)."""
+
+    kind: Literal["brightness"] = "brightness"
+
+
+class JpegRewardConfig(StrictConfig):
+    """JPEG file size in kB at ``quality`` (not differentiable: only for gradient-free methods)."""
+
+    kind: Literal["jpeg_compressibility", "jpeg_incompressibility"] = "jpeg_compressibility"
+    quality: int = Field(95, ge=1, le=100)
 
 
 class BrightnessReward(Reward):
     """log R(y) = mean pixel intensity of y ∈ [0, 1] (for demos and tests)."""
+
+    config_class = BrightnessRewardConfig
 
     @classmethod
     def from_config(cls, config) -> "BrightnessReward":
@@ -26,6 +44,8 @@ class JpegReward(Reward):
 
     Not differentiable: gradient-based methods refuse it.
     """
+
+    config_class = JpegRewardConfig
 
     differentiable = False
 

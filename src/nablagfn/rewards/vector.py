@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from ..config_base import StrictConfig
 from ..mixture import GaussianMixture
 from .base import Reward
 
 
+class GaussianRewardConfig(StrictConfig):
+    """log R(x) = −|x − center|² / (2 · scale²)."""
+
+    kind: Literal["gaussian"] = "gaussian"
+    center: list[float] = Field(default_factory=lambda: [3.0, 0.5])
+    scale: float = Field(1.0, gt=0)
+
+
+class LinearRewardConfig(StrictConfig):
+    """log R(x) = direction · x."""
+
+    kind: Literal["linear"] = "linear"
+    direction: list[float] = Field(default_factory=lambda: [1.0, 0.0])
+
+
 class GaussianReward(Reward):
     """log R(x) = −|x − c|² / (2 · scale²)."""
+
+    config_class = GaussianRewardConfig
 
     def __init__(self, center: list[float], scale: float):
         super().__init__()
@@ -43,6 +64,8 @@ class GaussianReward(Reward):
 
 class LinearReward(Reward):
     """log R(x) = a · x."""
+
+    config_class = LinearRewardConfig
 
     def __init__(self, direction: list[float]):
         super().__init__()

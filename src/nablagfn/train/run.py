@@ -12,7 +12,8 @@ from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
 from ..backends import Backend, GaussianMixtureBackend, build_backend
-from ..config import ConfigError, RunConfig, format_validation_error, load_config, validate_config
+from ..config import ConfigError, RunConfig
+from ..config_loading import format_validation_error, load_config, validate_config
 from ..eval.digits import digits_metrics
 from ..eval.features import FeatureExtractor, build_features
 from ..eval.gmm import target_metrics

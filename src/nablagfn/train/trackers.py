@@ -14,7 +14,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError, RunConfig, flatten
+from ..config import ConfigError, RunConfig
+from ..config_loading import flatten
 
 if TYPE_CHECKING:
     from .run import Run

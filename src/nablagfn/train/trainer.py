@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backends import Backend
-from ..config import ConfigError, EvalConfig, RunConfig, SamplerConfig, TrainConfig, dump_config, load_config
+from ..config import ConfigError, EvalConfig, RunConfig, SamplerConfig, TrainConfig
 from ..config_base import StrictConfig
+from ..config_loading import dump_config, load_config
 from ..errors import NonFiniteLossError
 from ..mdp.rollout import EpochConditions, Trajectories
 from ..rewards import Reward
@@ -155,6 +157,11 @@ class Trainer:
             )
             for name, params in self.parameter_groups.items()
         }
+        self.lr_schedulers = {
+            name: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: self.lr_factor(update))
+            for name, optimizer in self.optimizers.items()
+        }
+        self.last_lr = self.optimizers["policy"].param_groups[0]["lr"]  # the latest update's policy learning rate
         per_process = shards // self.processes.world_size
         first = self.processes.rank * per_process
         self.shards = [Shard.new(index, train.seed) for index in range(first, first + per_process)]
@@ -214,18 +221,21 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------
     def lr_factor(self, update: int) -> float:
+        """The learning rates' factor at ``update`` (``train.lr_schedule``: constant, or cosine down to
+        ``lr_min_ratio`` at ``train.updates``); torch's ``LambdaLR`` applies it to each optimiser."""
         train = self.config.train
         if train.lr_schedule == "constant":
             return 1.0
         progress = min(update / train.updates, 1.0)
         return train.lr_min_ratio + (1 - train.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def _set_lr(self) -> None:
-        settings = {"policy": self.config.train.policy_optimizer, "flow": self.config.train.flow_optimizer}
-        factor = self.lr_factor(self.step)
-        for name, optimizer in self.optimizers.items():
-            for group in optimizer.param_groups:
-                group["lr"] = settings[name].lr * factor
+    def _sync_lr_schedules(self) -> None:
+        """Put each schedule at ``self.step`` under the current ``train`` settings (after a resume, which may have
+        extended ``train.updates``): the learning rates the next update uses."""
+        for scheduler in self.lr_schedulers.values():
+            scheduler.last_epoch = self.step
+            for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * self.lr_factor(self.step)
 
     def _together(self, action: Callable[[], object], cleanup: Callable[[], None]) -> None:
         """Run ``action`` here and agree with every process on the outcome: a failure anywhere runs ``cleanup`` and
@@ -250,6 +260,7 @@ class Trainer:
             "update": self.step, "epoch": self.epoch, "epoch_position": self.epoch_position,
             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_metrics": self._pending_sample_metrics,
             "elapsed": self.elapsed,
+            "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.lr_schedulers.items()},
         }
         modules = {"policy": self.run.backend.adapter_state_dict(), "method": self.run.method.networks}
         keep = self.config.train.keep_checkpoints
@@ -281,10 +292,13 @@ class Trainer:
             self.step, self.epoch = state["update"], state["epoch"]
             self.epoch_position, self.nonfinite_in_a_row = state["epoch_position"], state["nonfinite_in_a_row"]
             self._pending_sample_metrics, self.elapsed = state["sample_metrics"], state["elapsed"]
+            for name, scheduler_state in state.get("lr_schedulers", {}).items():  # older checkpoints: none
+                self.lr_schedulers[name].load_state_dict(scheduler_state)
         except KeyError as missing:
             raise CheckpointError(f"checkpoint {checkpoint}: state.json lacks {missing}") from None
         for shard in self.shards:
             shard.restore(load_shard(checkpoint, shard.index), self.config.train.on_policy, self.run.backend.device)
+        self._sync_lr_schedules()
         if self.processes.is_main:
             self._truncate_metrics()
         return checkpoint
@@ -358,8 +372,13 @@ class Trainer:
         when its trajectories are used up. Returns the update's metrics (loss, the method's own, gradient norms)."""
         if not self.in_epoch:
             self.sample_epoch()
+        self.last_lr = self.optimizers["policy"].param_groups[0]["lr"]  # this update's
         metrics = self._optimizer_step()
         self.step += 1
+        with warnings.catch_warnings():  # a skipped (non-finite) update steps the schedule without the optimiser
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\(\)` before")
+            for scheduler in self.lr_schedulers.values():
+                scheduler.step()
         if self.epoch_position >= len(self.shards[0].data):
             self._end_epoch()
         return metrics
@@ -408,7 +427,6 @@ class Trainer:
             if settings[name].grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, settings[name].grad_clip)
                 totals[f"grad_norm/{name}"] = norm.item()
-        self._set_lr()
         for optimizer in self.optimizers.values():
             optimizer.step()
         return {"loss": loss_value, **totals}
@@ -452,7 +470,7 @@ class Trainer:
             self.elapsed = time.perf_counter() - started
             if self.step % train.log_every == 0 or self.step == train.updates:
                 record = {"update": self.step, "epoch": self.epoch, "time": self.elapsed,
-                          "lr/policy": self.optimizers["policy"].param_groups[0]["lr"], **metrics,
+                          "lr/policy": self.last_lr, **metrics,
                           **self._pending_sample_metrics}
                 self._log(record)
                 bar.set_postfix(self._postfix(metrics))

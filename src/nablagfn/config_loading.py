@@ -1,0 +1,178 @@
+"""Reading a run configuration: YAML ← dotted ``key=value`` overrides ← the model's presets, validated as one tree.
+
+Unknown keys, wrong types, out-of-range values and inconsistent combinations stop with a ``ConfigError`` whose
+message names the key; ``MODEL_PRESETS`` holds the defaults that depend on ``model.kind``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .config import MethodConfig, ModelConfig, RewardConfig, RunConfig
+from .errors import ConfigError
+
+
+def _tag_values(union: Any) -> set[str]:
+    """All discriminator values of an annotated union (pydantic puts them in error locations)."""
+    values: set[str] = set()
+    for member in union.__origin__.__args__:
+        for name in ("kind", "name"):
+            field = member.model_fields.get(name)
+            if field is not None:
+                values.update(field.annotation.__args__)
+    return values
+
+
+_TAG_VALUES = _tag_values(ModelConfig) | _tag_values(RewardConfig) | _tag_values(MethodConfig)
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-after"))
+        # drop the discriminator tag pydantic inserts (e.g. model.gmm.means → model.means)
+        parts = [p for p in key.split(".") if p not in _TAG_VALUES]
+        key = ".".join(parts)
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "union_tag_invalid":
+            tag = item["ctx"]["discriminator"].strip("'")
+            key = f"{key}.{tag}"
+            message = f"unknown value {item['ctx']['tag']!r}; choose one of {item['ctx']['expected_tags']}"
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (see docs/config.md for the valid ones)"
+        if re.match(r"^[a-z_]+(\.[a-z_]+)+:", message):
+            lines.append(f"  {message}")  # our own validators already name the key
+        else:
+            lines.append(f"  {key or '<root>'}: {message}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (['a', 'b', 'c'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. method.beta=2.0)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml_mapping(path: str | Path, label: str, expected: str) -> dict:
+    """A YAML file holding a mapping (empty file: {}), or a ConfigError naming ``label`` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{label} {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{label} {path} is not valid YAML: {error}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{label} {path} must {expected}")
+    return loaded or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults ← YAML file ← dotted overrides, validated as one tree."""
+    expected = "hold a mapping of sections (model, reward, method, …)"
+    tree = {} if path is None else read_yaml_mapping(path, "config file", expected)
+    for override in overrides:
+        key, value = parse_override(override)
+        _set(tree, key, value)
+    return validate_config(tree)
+
+
+#: the model of a config that names none: the built-in digits model
+DEFAULT_MODEL = "digits"
+
+
+#: the reward used when a config names a model but no reward kind
+DEFAULT_REWARD = {"gmm": "gaussian", "digits": "classifier", "stable_diffusion": "aesthetic"}
+
+
+#: defaults that depend on model.kind, applied beneath the user's own values (listed in docs/config.md)
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "gmm": {},
+    "digits": {
+        "method": {"beta": 1.0},
+        "train": {
+            "updates": 200,
+            "flow_optimizer": {"lr": 1e-2},
+            "trajectories_per_epoch": 32,
+            "batch_size": 16,
+            "checkpoint_every": 50,
+            "eval_every": 50,
+            "eval_samples": 300,
+        },
+    },
+    "stable_diffusion": {},
+}
+
+
+def _with_defaults(defaults: dict, tree: dict) -> dict:
+    """``defaults`` deep-merged beneath ``tree`` (the user's values win)."""
+    merged = dict(defaults)
+    for key, value in tree.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _with_defaults(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_preset(tree: dict, model_kind: str) -> dict:
+    preset = MODEL_PRESETS.get(model_kind, {})
+    method = tree.get("method") if isinstance(tree.get("method"), dict) else {}
+    method_class = {cls.model_fields["name"].default: cls for cls in MethodConfig.__origin__.__args__}.get(
+        method.get("name", "residual_nabla_db")
+    )
+    for section, values in preset.items():
+        if section == "method":  # only the keys the chosen method has
+            values = {k: v for k, v in values.items() if method_class is not None and k in method_class.model_fields}
+        if values and (section not in tree or isinstance(tree[section], dict)):
+            tree[section] = _with_defaults(values, tree.get(section) or {})
+    return tree
+
+
+def validate_config(tree: dict) -> RunConfig:
+    tree = dict(tree)
+    model = tree.get("model")
+    model_kind = model.get("kind", DEFAULT_MODEL) if isinstance(model, dict) else DEFAULT_MODEL
+    tree = _apply_preset(tree, model_kind)
+    defaults = {"model": ("kind", DEFAULT_MODEL), "method": ("name", "residual_nabla_db")}
+    defaults["reward"] = ("kind", DEFAULT_REWARD.get(model_kind, "gaussian"))
+    tree.setdefault("reward", {})
+    for section, (tag, default) in defaults.items():
+        if isinstance(tree.get(section), dict):
+            tree[section] = {tag: default, **tree[section]}
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections (a dumped config) → flat dotted keys: ``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else key
+        flat.update(flatten(value, name) if isinstance(value, dict) else {name: value})
+    return flat

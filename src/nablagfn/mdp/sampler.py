@@ -1,0 +1,19 @@
+"""The sampler's config: which Gaussian kernel (``mdp.make_kernel``) and how many steps."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..config_base import StrictConfig
+
+
+class SamplerConfig(StrictConfig):
+    """``ddpm``: DDIM with η (1 = the paper's DDPM, 50 steps); ``dpm_solver``: first-order SDE-DPM-Solver++."""
+
+    kind: Literal["ddpm", "ddim", "dpm_solver"] = "ddpm"
+    steps: int = Field(50, ge=1, le=1000)
+    eta: float = Field(1.0, gt=0, description="DDIM η; > 0, since η = 0 is deterministic and has no log-probs")
+
+
