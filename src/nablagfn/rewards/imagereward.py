@@ -6,9 +6,9 @@ goes through an MLP head (768→1024→128→64→16→1, no activations) and th
 is normalised with the constants of the official code: (mlp(cls) − mean) / std.
 The ``image-reward`` package does not run with current transformers, so the
 forward pass of its differentiable entry point (``ImageReward.score_gard``) is
-rebuilt here from plain torch modules whose parameter names are exactly the keys
-of the official checkpoint ``ImageReward.pt`` (hub repo ``THUDM/ImageReward``,
-a ``torch.save``d state dict). Prompts are tokenised with the BERT-base-uncased
+rebuilt here from transformers' own BLIP towers (``BlipVisionModel``, ``BlipTextModel``)
+and the MLP head, loaded from the official checkpoint ``ImageReward.pt`` (hub repo
+``THUDM/ImageReward``, a ``torch.save``d state dict) through a key map. Prompts are tokenised with the BERT-base-uncased
 tokenizer plus BLIP's extra [DEC] and [ENC] tokens, padded to 35 tokens; the
 scoring path keeps [CLS] as the first token. Architecture sizes are read from
 the checkpoint's tensor shapes, so any checkpoint in this key layout loads.
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -126,191 +125,59 @@ def _count_layers(state: dict[str, Tensor], pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _attention(query: Tensor, key: Tensor, value: Tensor, heads: int, key_mask: Tensor | None = None) -> Tensor:
-    """Multi-head scaled dot-product attention on (B, L, D) projections; ``key_mask`` (B, Lk) is True where attended."""
-    batch, length, width = query.shape
-
-    def split(x: Tensor) -> Tensor:
-        return x.view(batch, x.shape[1], heads, width // heads).transpose(1, 2)
-
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask)
-    return out.transpose(1, 2).reshape(batch, length, width)
-
-
-# --- vision tower: BLIP's VisionTransformer (pre-norm ViT, exact GELU, LayerNorm eps 1e-6) ---
+#: official vision-tower key fragments → transformers' ``BlipVisionModel`` names, applied in order
+VISION_RENAMES = (
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj", "embeddings.patch_embedding"),
+    ("blocks.", "encoder.layers."),
+    ("attn.qkv", "self_attn.qkv"),
+    ("attn.proj", "self_attn.projection"),
+    ("norm1", "layer_norm1"),
+    ("norm2", "layer_norm2"),
+)
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, width: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, pixels: Tensor) -> Tensor:
-        return self.proj(pixels).flatten(2).transpose(1, 2)
-
-
-class VisionAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        query, key, value = self.qkv(x).chunk(3, dim=-1)
-        return self.proj(_attention(query, key, value, self.heads))
-
-
-class VisionMlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+def official_to_transformers(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The official ImageReward state dict (``blip.visual_encoder.*``, ``blip.text_encoder.*``, ``mlp.*``) in the
+    names of ``ImageRewardModel``'s modules (``vision.*``: ``BlipVisionModel``; ``text.*``: ``BlipTextModel``;
+    ``mlp.*``), without ``UNUSED_KEYS``."""
+    mapped = {}
+    for key, value in state.items():
+        if key in UNUSED_KEYS:
+            continue
+        if key.startswith(VISION_PREFIX):
+            name = key.removeprefix(VISION_PREFIX)
+            for old, new in VISION_RENAMES:
+                name = name.replace(old, new)
+            name = "post_layernorm." + name.removeprefix("norm.") if name.startswith("norm.") else name
+            mapped["vision." + name] = value
+        elif key.startswith(TEXT_PREFIX):
+            mapped["text." + key.removeprefix(TEXT_PREFIX)] = value
+        else:
+            mapped[key] = value
+    return mapped
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_hidden: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=VISION_LAYER_NORM_EPS)
-        self.attn = VisionAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width, eps=VISION_LAYER_NORM_EPS)
-        self.mlp = VisionMlp(width, mlp_hidden)
+def blip_towers(arch: ImageRewardArch) -> tuple[nn.Module, nn.Module]:
+    """transformers' BLIP vision transformer (pre-norm ViT, exact GELU, LayerNorm eps 1e-6) and BLIP text encoder
+    (BERT with cross-attention to the image tokens in every layer, eps 1e-12), at ``arch``'s sizes."""
+    from transformers import BlipTextConfig, BlipVisionConfig, BlipVisionModel
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class VisionTransformer(nn.Module):
-    """Normalised image (B, 3, S, S) → tokens (B, 1 + (S/patch)², width), [CLS] first, final LayerNorm applied."""
-
-    def __init__(self, arch: ImageRewardArch):
-        super().__init__()
-        width = arch.vision_width
-        self.patch_embed = PatchEmbed(arch.patch_size, width)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, (arch.image_size // arch.patch_size) ** 2 + 1, width))
-        self.blocks = nn.ModuleList(
-            VisionBlock(width, arch.vision_heads, arch.vision_mlp) for _ in range(arch.vision_depth)
-        )
-        self.norm = nn.LayerNorm(width, eps=VISION_LAYER_NORM_EPS)
-
-    def forward(self, pixels: Tensor) -> Tensor:
-        patches = self.patch_embed(pixels)
-        x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-
-# --- text tower: BLIP's med.py BertModel (post-norm BERT, cross-attention in every layer, no token types) ---
-
-
-class BertSelfAttention(nn.Module):
-    """Query from the text; key/value from the text (self-attention) or the image tokens (cross-attention)."""
-
-    def __init__(self, width: int, context_width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.query = nn.Linear(width, width)
-        self.key = nn.Linear(context_width, width)
-        self.value = nn.Linear(context_width, width)
-
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
-        return _attention(self.query(x), self.key(context), self.value(context), self.heads, context_mask)
-
-
-class BertResidualOutput(nn.Module):
-    """LayerNorm(dense(h) + residual)."""
-
-    def __init__(self, in_width: int, width: int):
-        super().__init__()
-        self.dense = nn.Linear(in_width, width)
-        self.LayerNorm = nn.LayerNorm(width, eps=TEXT_LAYER_NORM_EPS)
-
-    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dense(hidden) + residual)
-
-
-class BertAttention(nn.Module):
-    def __init__(self, width: int, context_width: int, heads: int):
-        super().__init__()
-        self.self = BertSelfAttention(width, context_width, heads)
-        self.output = BertResidualOutput(width, width)
-
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
-        return self.output(self.self(x, context, context_mask), x)
-
-
-class BertIntermediate(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.dense = nn.Linear(width, hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.dense(x))
-
-
-class BertLayer(nn.Module):
-    def __init__(self, arch: ImageRewardArch):
-        super().__init__()
-        width = arch.text_width
-        self.attention = BertAttention(width, width, arch.text_heads)
-        self.crossattention = BertAttention(width, arch.vision_width, arch.text_heads)
-        self.intermediate = BertIntermediate(width, arch.text_intermediate)
-        self.output = BertResidualOutput(arch.text_intermediate, width)
-
-    def forward(self, x: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
-        x = self.attention(x, x, text_mask)
-        x = self.crossattention(x, image_tokens, None)
-        return self.output(self.intermediate(x), x)
-
-
-class BertEncoder(nn.Module):
-    def __init__(self, arch: ImageRewardArch):
-        super().__init__()
-        self.layer = nn.ModuleList(BertLayer(arch) for _ in range(arch.text_depth))
-
-
-class BertEmbeddings(nn.Module):
-    def __init__(self, arch: ImageRewardArch):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(arch.vocab_size, arch.text_width)
-        self.position_embeddings = nn.Embedding(arch.max_positions, arch.text_width)
-        self.LayerNorm = nn.LayerNorm(arch.text_width, eps=TEXT_LAYER_NORM_EPS)
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions))
-
-
-class TextEncoder(nn.Module):
-    """Token ids (B, L) with padding mask, image tokens (B, N, vision width) → text states (B, L, text width)."""
-
-    def __init__(self, arch: ImageRewardArch):
-        super().__init__()
-        self.embeddings = BertEmbeddings(arch)
-        self.encoder = BertEncoder(arch)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor) -> Tensor:
-        x = self.embeddings(input_ids)
-        text_mask = attention_mask.bool()
-        for layer in self.encoder.layer:
-            x = layer(x, text_mask, image_tokens)
-        return x
-
-
-class Blip(nn.Module):
-    """The parts of BLIP the ImageReward score uses."""
-
-    def __init__(self, arch: ImageRewardArch):
-        super().__init__()
-        self.visual_encoder = VisionTransformer(arch)
-        self.text_encoder = TextEncoder(arch)
+    vision = BlipVisionModel(BlipVisionConfig(
+        hidden_size=arch.vision_width, intermediate_size=arch.vision_mlp, num_hidden_layers=arch.vision_depth,
+        num_attention_heads=arch.vision_heads, image_size=arch.image_size, patch_size=arch.patch_size,
+        layer_norm_eps=VISION_LAYER_NORM_EPS, hidden_act="gelu",
+    ))
+    text = BlipTextModel(BlipTextConfig(
+        vocab_size=arch.vocab_size, hidden_size=arch.text_width, encoder_hidden_size=arch.vision_width,
+        intermediate_size=arch.text_intermediate, num_hidden_layers=arch.text_depth,
+        num_attention_heads=arch.text_heads, max_position_embeddings=arch.max_positions,
+        layer_norm_eps=TEXT_LAYER_NORM_EPS, hidden_act="gelu",
+        is_decoder=True,  # gives every layer its cross-attention; the scoring pass itself is bidirectional
+    ), add_pooling_layer=False)
+    return vision, text
 
 
 class RewardHead(nn.Module):
@@ -362,7 +229,7 @@ class ImageRewardModel(Reward):
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the text encoder only {arch.vocab_size}")
         self.arch = arch
         self.tokenizer = tokenizer
-        self.blip = Blip(arch)
+        self.vision, self.text = blip_towers(arch)
         self.mlp = RewardHead(arch.head_sizes)
         self._tokens: dict[str, tuple[Tensor, Tensor]] = {}
         self.requires_grad_(False)
@@ -395,10 +262,9 @@ class ImageRewardModel(Reward):
         return model
 
     def load_checkpoint(self, state: dict[str, Tensor], path: Path) -> None:
-        """Load the official state dict exactly (all keys but ``UNUSED_KEYS`` must match)."""
-        used = {key: value for key, value in state.items() if key not in UNUSED_KEYS}
+        """Load the official state dict exactly (all keys but ``UNUSED_KEYS`` must match, through the key map)."""
         try:
-            self.load_state_dict(used, strict=True)
+            self.load_state_dict(official_to_transformers(state), strict=True)
         except RuntimeError as error:
             raise ConfigError(
                 f"reward.checkpoint: {str(path)!r} does not match the ImageReward layout: {error}"
@@ -427,8 +293,12 @@ class ImageRewardModel(Reward):
 
     def score(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Normalised ImageReward of preprocessed images (B, 3, S, S) with their prompts' tokens; shape (B,)."""
-        image_tokens = self.blip.visual_encoder(pixels)
-        text = self.blip.text_encoder(input_ids, attention_mask, image_tokens)
+        image_tokens = self.vision(pixel_values=pixels).last_hidden_state
+        text = self.text(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_tokens,
+            encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device),
+            is_decoder=False,
+        ).last_hidden_state
         raw = self.mlp(text[:, 0]).squeeze(-1)
         return (raw - REWARD_MEAN) / REWARD_STD
 

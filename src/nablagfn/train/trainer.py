@@ -376,7 +376,7 @@ class Trainer:
         metrics = self._optimizer_step()
         self.step += 1
         with warnings.catch_warnings():  # a skipped (non-finite) update steps the schedule without the optimiser
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\(\)` before")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             for scheduler in self.lr_schedulers.values():
                 scheduler.step()
         if self.epoch_position >= len(self.shards[0].data):
