@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -22,6 +22,8 @@ class BrightnessRewardConfig(StrictConfig):
 class JpegRewardConfig(StrictConfig):
     """JPEG file size in kB at ``quality`` (not differentiable: only for gradient-free methods)."""
 
+    #: whether ∇ log R exists (every reward config says so; the default, True, where it does not)
+    differentiable: ClassVar[bool] = False
     kind: Literal["jpeg_compressibility", "jpeg_incompressibility"] = "jpeg_compressibility"
     quality: int = Field(95, ge=1, le=100)
 
@@ -47,7 +49,7 @@ class JpegReward(Reward):
 
     config_class = JpegRewardConfig
 
-    differentiable = False
+    differentiable = JpegRewardConfig.differentiable
 
     def __init__(self, quality: int = 95, incompressible: bool = False):
         super().__init__()
