@@ -248,3 +248,16 @@ def test_eval_keeps_the_training_eval_json_and_sample_writes_one_grid(tmp_path):
     width, height = Image.open(tmp_path / "grid.png").size
     assert width == height == 3 * 64 + 4 * 2  # 3 × 3 digits upscaled to 64 pixels, 2-pixel gaps
     assert main(["sample", str(run_dir), "--num", "4", "--out", str(tmp_path / "grid"), "--grid"]) == 2
+
+
+def test_a_mixture_made_in_python_is_recorded_and_measured_against_its_target(tmp_path):
+    backend = ng.GaussianMixtureBackend.from_mixture([[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5], weights=[0.7, 0.3],
+                                                     hidden=32, layers=2)
+    reward = ng.build_reward(ng.LinearRewardConfig(direction=[1.0, 0.0]))
+    trainer = ng.Trainer(backend, reward, ng.ResidualNablaDBConfig(beta=0.5), sampler={"steps": 10},
+                         train={"updates": 2, "trajectories_per_epoch": 32, "batch_size": 16, "eval_samples": 200},
+                         run_dir=tmp_path, progress=False)
+    assert trainer.config.handed_over == [] and trainer.config.model.weights == [0.7, 0.3]
+    metrics = trainer.train(write_outputs=False)
+    assert {"mode_tv", "energy_distance"} <= set(metrics)
+    assert ng.load_run(tmp_path).exact_target() is not None

@@ -5,7 +5,7 @@ The command line (``nablagfn train …``) builds the same objects as this API fr
 
 The API, in the order one uses it:
 
-* **Models** (``Backend``): ``GaussianMixtureBackend`` (exact ground truth), ``DigitsBackend.pretrained()``,
+* **Models** (``Backend``): ``GaussianMixtureBackend.from_mixture(means, stds)`` (exact ground truth), ``DigitsBackend.pretrained()``,
   ``StableDiffusionBackend.from_pipeline(pipe)`` for a diffusers pipeline in memory, or ``build_backend(config)``.
 * **Rewards** (``Reward``): ``CallableReward(fn)`` for your own ``fn(images, prompts) -> log R``, the built-in
   ones through ``build_reward(config)`` (``AestheticRewardConfig``, ``HPSv2RewardConfig`` …).

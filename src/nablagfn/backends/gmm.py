@@ -95,6 +95,15 @@ class GaussianMixtureBackend(Backend):
         mixture = GaussianMixture(config.means, config.stds, config.weights or [1.0] * len(config.means))
         return cls(mixture, schedule, config.hidden, config.layers)
 
+    @classmethod
+    def from_mixture(cls, means: list[list[float]], stds: list[float], weights: list[float] | None = None,
+                     **model_keys) -> "GaussianMixtureBackend":
+        """The mixture Σ_k w_k N(m_k, s_k² I) as a model (what ``model.kind=gmm`` builds, so a run records it and can
+        be rebuilt); ``model_keys``: the other ``model`` keys (``hidden``, ``layers``, ``schedule``)."""
+        from . import build_backend
+
+        return build_backend(GMMModelConfig(means=means, stds=stds, weights=weights, **model_keys))
+
     def describe(self):
         """The mixture and the residual network's size (the schedule is not recorded: the run is handed over)."""
         return GMMModelConfig(
