@@ -309,3 +309,30 @@ def test_ddim_accepts_every_step_count_it_validates():
         return  # a clean refusal is fine
     assert k.state_timesteps.max() < s.num_train_timesteps
     assert torch.isfinite(k.std).all() and torch.isfinite(k.x_coef).all()
+
+
+@pytest.mark.parametrize("name", ["ddim_linear_eta1", "dpm_scaled"])
+def test_noising_kernel_density_and_scores(name):
+    """P_B(x_k | x_{k+1}) = N(√r x_{k+1}, (1 − r) I), r = ᾱ(t_k)/ᾱ(t_{k+1}): against torch.distributions (up to the
+    normalising constant) and autograd."""
+    from nablagfn.mdp.noising import NoisingKernel
+
+    k = kernel(name)
+    sched = schedule("scaled_linear" if "scaled" in name else "linear")
+    noising = NoisingKernel(sched, k)
+    gen = torch.Generator().manual_seed(3)
+    step = torch.tensor([0, 7, k.num_steps - 1], dtype=torch.long)
+    x, x_next = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64), torch.randn(3, 2, 4, generator=gen,
+                                                                                     dtype=torch.float64)
+    abar = sched.alphas_cumprod
+    ratio = abar[k.state_timesteps[step]] / abar[k.state_timesteps[step + 1]]
+    assert torch.equal(noising.ratio(step), ratio) and (ratio < 1).all()
+    r = ratio[:, None, None]
+    exact = Independent(Normal(r.sqrt() * x_next, (1 - r).sqrt().expand_as(x)), 2).log_prob(x)
+    constant = -0.5 * x[0].numel() * torch.log(2 * torch.pi * (1 - ratio))
+    torch.testing.assert_close(noising.log_density(x, x_next, step) + constant, exact)
+    x_in, next_in = x.clone().requires_grad_(), x_next.clone().requires_grad_()
+    grad_here, grad_next = torch.autograd.grad(noising.log_density(x_in, next_in, step).sum(), (x_in, next_in))
+    score_next, score_here = noising.scores(x, x_next, step)
+    torch.testing.assert_close(score_next, grad_next)
+    torch.testing.assert_close(score_here, grad_here)
