@@ -4,6 +4,7 @@ accelerate reads) equal 1 process with the same data shards."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -40,10 +41,11 @@ def launch(processes: int) -> list[str]:
             "--master_port", str(free_port())]
 
 
-def train(args: list[str], processes: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def train(args: list[str], processes: int = 1, env: dict[str, str] | None = None,
+          timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([*launch(processes), "-m", "nablagfn", "train", "--no-progress", *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def train_ok(args: list[str], processes: int = 1) -> str:
@@ -142,3 +144,17 @@ def test_a_checkpoint_failure_on_one_process_stops_every_process(tmp_path):
     assert "No space left on device (injected on rank 1)" in result.stderr
     assert "another training process failed while writing a checkpoint" in result.stderr  # rank 0's error
     assert list((run_dir / "checkpoints").iterdir()) == []
+
+
+def test_two_processes_on_digits_with_fid_evaluations_and_checkpoints(tmp_path):
+    """The digits default evaluates FIDs (distance to the real class, FID to the pretrained model) on the main process
+    while the others wait: torchmetrics must not try to gather across processes there (it hung for good before)."""
+    run_dir = tmp_path / "run"
+    result = train(["--out", str(run_dir), "sampler.steps=5", "train.trajectories_per_epoch=8", "train.batch_size=4",
+                    "train.updates=4", "train.eval_every=2", "train.checkpoint_every=2", "train.eval_samples=32"],
+                   processes=2, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    evaluations = [r for r in records(run_dir) if "eval/fid_to_pretrained" in r]
+    assert [r["update"] for r in evaluations] == [0, 2, 4]
+    assert all(math.isfinite(r["eval/fd_to_class"]) for r in evaluations)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["update_0000002", "update_0000004"]

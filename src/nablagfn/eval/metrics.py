@@ -36,7 +36,9 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     identity on features the caller extracted once, so they also serve the diversity)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=_Precomputed(features_a.shape[1]))
+    # computed on one process (the main one evaluates): no gathering across processes, which would wait forever for
+    # the others
+    metric = FrechetInceptionDistance(feature=_Precomputed(features_a.shape[1]), sync_on_compute=False)
     metric.update(features_a.detach().double().cpu(), real=True)
     metric.update(features_b.detach().double().cpu(), real=False)
     return metric.compute().item()
