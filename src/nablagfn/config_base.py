@@ -1,4 +1,4 @@
-"""The base of every config class: pydantic, unknown keys refused, values checked on assignment too."""
+"""The base of every config class: pydantic, unknown keys refused, values checked on assignment too, finite numbers."""
 
 from __future__ import annotations
 
@@ -6,4 +6,6 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are refused, assignments validated, and every number finite (inf and NaN refused, in vectors too)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

@@ -59,7 +59,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    if raw == "":
+        return key.split("."), ""
+    try:
+        return key.split("."), safe_load_unique(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({one_line(error)})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (the last one would win without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` (no Python objects), refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _set(tree: dict, path: list[str], value: Any) -> None:
@@ -78,9 +108,13 @@ def read_yaml_mapping(path: str | Path, label: str, expected: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{label} {path} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = safe_load_unique(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label} {path} is not a text file (not UTF-8); it must be YAML") from None
+    except OSError as error:
+        raise ConfigError(f"{label} {path} cannot be read ({one_line(error)})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{label} {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{label} {path} is not valid YAML: {one_line(error)}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{label} {path} must {expected}")
     return loaded or {}

@@ -14,11 +14,26 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import reduce
 
+from ..errors import ConfigError
+
+
+def check_device(device: str) -> None:
+    """A one-line ConfigError naming ``train.device`` when this machine does not have that device."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {device} asked for, but this torch sees no CUDA GPU "
+                          f"(torch {torch.__version__}); set train.device=cpu or install a CUDA build of torch")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: {device} asked for, but only {torch.cuda.device_count()} GPU(s) are "
+                          "visible")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device: mps asked for, but this torch has no MPS backend; set train.device=cpu")
+
 
 class Processes:
     """This process's rank among ``world_size`` training processes, its device, and the collectives of training."""
 
     def __init__(self, device: str = "cpu"):
+        check_device(device)
         self.state = PartialState(cpu=device == "cpu")
         self.rank = self.state.process_index
         self.world_size = self.state.num_processes

@@ -44,6 +44,9 @@ class Run:
     @classmethod
     def build(cls, config: RunConfig, backend: Backend | None = None, reward: Reward | None = None) -> "Run":
         """The run of ``config``, its parts built from it (after seeding torch with ``train.seed``) unless given."""
+        from .distributed import check_device
+
+        check_device(config.train.device)
         backend, reward = build_parts(config, backend, reward)
         return cls.from_parts(config, backend.to(config.train.device), reward.to(config.train.device))
 

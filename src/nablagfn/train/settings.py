@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config_base import StrictConfig
 
@@ -12,8 +13,15 @@ from ..config_base import StrictConfig
 class OptimizerConfig(StrictConfig):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's (β₁, β₂), each in [0, 1)")
     grad_clip: float | None = Field(1.0, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError(f"Adam's betas must each be in [0, 1), got {list(value)}")
+        return value
 
 
 class TrainConfig(StrictConfig):
@@ -34,8 +42,8 @@ class TrainConfig(StrictConfig):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(250, ge=1)
     eval_samples: int = Field(4000, ge=2)
-    device: str = Field("cpu", description="cpu, cuda or cuda:N; under `accelerate launch`, cuda gives each "
-                        "process its own GPU")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N (or mps); under "
+                        "`accelerate launch`, cuda gives each process its own GPU")
     data_shards: int | None = Field(
         None, ge=1, description="each epoch is sampled in this many shards, shard k from its own seeded generator "
         "(train.seed + k·2³²) and spread over the training processes; the run does not depend on how many "
@@ -50,6 +58,13 @@ class TrainConfig(StrictConfig):
         10, ge=1, description="updates in a row with a NaN or inf in the rewards, loss or gradients (each skipped, "
         "the weights untouched) after which the run stops"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"train.device: {value!r} is not a device; use cpu, cuda, cuda:N or mps")
+        return value
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":
