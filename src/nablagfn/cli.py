@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import datetime
 from pathlib import Path
 
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .files import atomic_write_text, strict_json
 
 
 def _run_dir(out: str | None) -> Path:
@@ -49,11 +49,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
         config = load_config(run_dir / "config.yaml", args.overrides)
+        from .train.checkpoint import list_checkpoints
+
+        if not list_checkpoints(run_dir):
+            print(f"{run_dir} has no checkpoint yet (its first one was never finished): starting it again from "
+                  "the beginning, with its saved config")
+            args.resume = None
     else:
         config = load_config(args.config, args.overrides)
         run_dir = _run_dir(args.out)
-        if (run_dir / "checkpoints").exists():
-            raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        from .train.rundir import prepare_fresh_run
+
+        prepare_fresh_run(run_dir, clear=False)  # refuse before any model is loaded
     trainer = Trainer.from_config(config, run_dir, progress=not args.no_progress)
     processes = trainer.processes
     if not processes.is_main:  # one process writes the run directory and prints
@@ -147,7 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     default = Path(args.run_dir) / "evaluations" / f"{checkpoint.name}_{args.split}_n{args.num}_seed{args.seed}.json"
     out = Path(args.out) if args.out else default
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    atomic_write_text(out, strict_json(results, indent=1))
     for name in ("pretrained", "finetuned"):
         print(f"{name}:")
         print(_format_metrics(results[name]))
@@ -283,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "num", 1) < 1:
         print("nablagfn: error: --num must be ≥ 1", file=sys.stderr)
+        return 2
+    if args.command == "eval" and args.num < 2:
+        print("nablagfn: error: eval --num must be ≥ 2 (the metrics compare samples with each other)", file=sys.stderr)
         return 2
     try:
         return args.func(args)

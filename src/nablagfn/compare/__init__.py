@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..files import atomic_write_text, strict_json
 from ..methods import METHODS
 from .grid import load_settings, plan_grid, run_grid, run_name
 from .report import discover_runs, machine_info, read_run, write_report
@@ -81,7 +82,7 @@ def compare(
         command = command_line(methods, seeds, out, config_file, settings_file, list(overrides), jobs)
         header = {"command": command, "date": now, "machine": machine_info(jobs, specs[0].config.train.device)}
         out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(json.dumps({**header, "methods": methods, "seeds": seeds}, indent=1))
+        atomic_write_text(out / "compare.json", strict_json({**header, "methods": methods, "seeds": seeds}, indent=1))
         echo(f"report directory: {out} ({len(specs)} runs; rerun the same command to resume)")
         outcomes = run_grid(specs, jobs, progress, echo)
     results = [read_run(spec) for spec in specs]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -16,6 +15,7 @@ from typing import Any
 from ..config import RunConfig
 from ..config_loading import flatten, load_config, parse_override, read_yaml_mapping
 from ..errors import CheckpointError, ConfigError
+from ..files import atomic_write_text, strict_json
 from ..methods import METHODS
 
 #: keys compare sets itself for each run
@@ -163,7 +163,7 @@ def train_run(spec: RunSpec, progress: bool = False, position: int | None = None
         trainer.train(resume=state == "partial")  # writes eval.json and the run's figures
         outcome["status"] = "resumed" if state == "partial" else "trained"
     except NonFiniteLossError as error:
-        (spec.run_dir / "diverged.json").write_text(json.dumps({"update": trainer.step, "error": str(error)}))
+        atomic_write_text(spec.run_dir / "diverged.json", strict_json({"update": trainer.step, "error": str(error)}))
         outcome.update(status="diverged", error=str(error))
     except (ConfigError, CheckpointError, FileNotFoundError) as error:  # a clear message is enough
         outcome.update(status="failed", error=" ".join(str(error).split()))

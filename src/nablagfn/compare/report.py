@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config_loading import load_config
 from ..errors import ConfigError
+from ..files import atomic_write_text, strict_json
 from ..methods import METHODS
 from .grid import RunSpec, run_name, run_state
 
@@ -423,6 +424,6 @@ def write_report(out: Path, results: list[RunResult], header: dict[str, Any], gr
     if grids and write_grids(results, out / "grids.png", progress=progress):
         figures["grids.png"] = ""
     summary["header"] = header
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "results.md").write_text(render_markdown(summary, results, present, missing, header, figures))
+    atomic_write_text(out / "summary.json", strict_json(summary, indent=1))
+    atomic_write_text(out / "results.md", render_markdown(summary, results, present, missing, header, figures))
     return summary

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import strict_json
 
 
 def _optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -98,7 +99,7 @@ def finish_checkpoint(
         optimizer_tensors.update({k: v.cpu() for k, v in t.items()})
         optimizer_meta[name] = meta
     save_file(optimizer_tensors, staging / "optimizers.safetensors")
-    (staging / "state.json").write_text(json.dumps({**state, "optimizers": optimizer_meta}, indent=1))
+    (staging / "state.json").write_text(strict_json({**state, "optimizers": optimizer_meta}, indent=1))
     final = staging.parent / f"update_{update:07d}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_write_text, strict_json
 from .run import Run
 
 #: the curves drawn in curves.png, where the log has them
@@ -26,7 +27,7 @@ def write_run_outputs(run: Run, run_dir: Path, evaluation: dict[str, float], pro
     if progress:
         print("end-of-run figures …", flush=True)
     written = {"eval.json": run_dir / "eval.json"}
-    written["eval.json"].write_text(json.dumps(evaluation, indent=1))
+    atomic_write_text(written["eval.json"], strict_json(evaluation, indent=1))
     samples = (vector_figure if len(run.backend.sample_shape) == 1 else image_figure)(run, run_dir / "samples.png")
     written["samples.png"] = samples
     from ..viz import plot_training_curves

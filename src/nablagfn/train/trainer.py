@@ -34,6 +34,7 @@ from ..config import ConfigError, EvalConfig, RunConfig, SamplerConfig, TrainCon
 from ..config_base import StrictConfig
 from ..config_loading import dump_config, load_config
 from ..errors import NonFiniteLossError
+from ..files import atomic_write_text, strict_json
 from ..mdp.rollout import EpochConditions, Trajectories
 from ..rewards import Reward
 from .checkpoint import (
@@ -51,6 +52,7 @@ from .checkpoint import (
 from .distributed import Processes
 from .outputs import write_run_outputs
 from .run import Run, build_parts, compose_config, default_run_dir
+from .rundir import RunLock, prepare_fresh_run
 from .trackers import Trackers
 
 EpochData = Trajectories | EpochConditions
@@ -308,14 +310,14 @@ class Trainer:
         if not self.metrics_path.exists():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines() if _update_of(line) <= self.step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))  # a kill leaves old or new
 
     def _log(self, record: dict) -> None:
         """Append a record to metrics.jsonl and the trackers (main process)."""
         if not self.processes.is_main:
             return
         with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(strict_json(record) + "\n")
         self.trackers.log(record)
 
     def evaluate(self, num: int | None = None, seed: int = 1234, split: str = "train",
@@ -442,6 +444,15 @@ class Trainer:
         Returns:
             The final evaluation's metrics (None on every process but the main one).
         """
+        if not self.processes.is_main:
+            return self._train(resume, write_outputs)
+        if not resume:
+            prepare_fresh_run(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.run_dir):
+            return self._train(resume, write_outputs)
+
+    def _train(self, resume: bool, write_outputs: bool) -> dict[str, float] | None:
         train = self.config.train
         main = self.processes.is_main
         if resume:
@@ -450,11 +461,11 @@ class Trainer:
                 raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir / 'checkpoints'}")
             self.load(checkpoints[-1])
             if main:  # what may have changed (train.updates, how often to log …) is kept for the next resume
-                (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+                atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
         elif main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.config))
-            self.metrics_path.write_text("")
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
+            atomic_write_text(self.metrics_path, "")
         self.processes.barrier()
         if main:
             self.trackers.start(resume, self.step)
