@@ -28,23 +28,18 @@ def _format_metrics(metrics: dict[str, float]) -> str:
     return "\n".join(f"  {key:24s} {value:.4f}" for key, value in metrics.items())
 
 
-#: keys ``--resume RUN key=value`` may change: they do not touch what was trained so far
-RESUME_KEYS = ("train.updates", "train.log_every", "train.eval_every", "train.eval_samples", "train.checkpoint_every",
-               "train.keep_checkpoints", "train.trackers", "train.device")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .config_loading import load_config, parse_override
-    from .train.trainer import Trainer
+    from .train.trainer import CHANGEABLE_ON_RESUME, Trainer
 
     if args.resume:
         if args.config:
             raise ConfigError("--resume continues a run with its saved config; drop --config")
         for override in args.overrides:
             key = ".".join(parse_override(override)[0])
-            if key not in RESUME_KEYS:
+            if key not in CHANGEABLE_ON_RESUME:
                 raise ConfigError(f"--resume: {key} cannot change in a run under way (it would rewrite its history); "
-                                  f"the keys that can: {', '.join(RESUME_KEYS)}")
+                                  f"the keys that can: {', '.join(CHANGEABLE_ON_RESUME)}")
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -62,6 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         prepare_fresh_run(run_dir, clear=False)  # refuse before any model is loaded
     trainer = Trainer.from_config(config, run_dir, progress=not args.no_progress)
+    trainer.accept_config_changes = args.accept_config_changes
     processes = trainer.processes
     if not processes.is_main:  # one process writes the run directory and prints
         trainer.train(resume=bool(args.resume))
@@ -215,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default: runs/<date-time>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--accept-config-changes", action="store_true",
+                       help="with --resume: go on although RUN_DIR/config.yaml was edited since the checkpoint")
     train.set_defaults(func=cmd_train)
 
     sample = commands.add_parser("sample", help="draw samples from a trained run")

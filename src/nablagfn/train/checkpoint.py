@@ -13,6 +13,7 @@ file system that every process sees).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..files import strict_json
+from ..files import fsync_directory, strict_json
 
 
 def _optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -99,10 +100,17 @@ def finish_checkpoint(
         optimizer_tensors.update({k: v.cpu() for k, v in t.items()})
         optimizer_meta[name] = meta
     save_file(optimizer_tensors, staging / "optimizers.safetensors")
-    (staging / "state.json").write_text(strict_json({**state, "optimizers": optimizer_meta}, indent=1))
+    checksums = {path.name: file_sha256(path) for path in sorted(staging.glob("*.safetensors"))}
+    (staging / "state.json").write_text(
+        strict_json({**state, "optimizers": optimizer_meta, "sha256": checksums}, indent=1)
+    )
+    for path in staging.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
     final = staging.parent / f"update_{update:07d}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
+    fsync_directory(staging.parent)
     for old in list_checkpoints(staging.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -140,11 +148,42 @@ def _read_state_json(path: Path) -> dict:
     return state
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """The checkpoint's state.json, after checking that its update matches its directory's name and that every file
+    it lists still has the checksum recorded when it was written (checkpoints older than the checksums: names only)."""
+    checkpoint = Path(checkpoint)
+    state = _read_state_json(checkpoint / "state.json")
+    name = checkpoint.name.removeprefix("update_")
+    if name.isdigit() and state.get("update") != int(name):
+        raise CheckpointError(f"checkpoint {checkpoint} says it is update {state.get('update')!r} in state.json, not "
+                              f"{int(name)} as its name says; {_ELSEWHERE}")
+    checksums = state.get("sha256", {})
+    if not isinstance(checksums, dict):
+        raise CheckpointError(f"checkpoint file {checkpoint / 'state.json'}: sha256 is not a mapping; {_ELSEWHERE}")
+    for file_name, expected in checksums.items():
+        path = checkpoint / str(file_name)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} lacks {file_name}, which it was written with; {_ELSEWHERE}")
+        if file_sha256(path) != expected:
+            raise CheckpointError(f"checkpoint file {path} has changed since it was written (its SHA-256 differs "
+                                  f"from state.json's: corrupted?); {_ELSEWHERE}")
+    return state
+
+
 def load_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The policy adapter's and the method's tensors (``policy.*``, ``method.*``) of a checkpoint."""
+    """The policy adapter's and the method's tensors (``policy.*``, ``method.*``) of a checkpoint, verified first."""
     path = Path(checkpoint) / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {checkpoint} has no model.safetensors (incomplete or not a checkpoint)")
+    verify_checkpoint(checkpoint)
     return _read_tensors(path)
 
 

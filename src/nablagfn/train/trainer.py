@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..backends import Backend
 from ..config import ConfigError, EvalConfig, RunConfig, SamplerConfig, TrainConfig
 from ..config_base import StrictConfig
-from ..config_loading import dump_config, load_config
+from ..config_loading import dump_config, flatten, load_config
 from ..errors import NonFiniteLossError
 from ..files import atomic_write_text, strict_json
 from ..mdp.rollout import EpochConditions, Trajectories
@@ -47,6 +47,7 @@ from .checkpoint import (
     split_prefix,
     staging_directory,
     start_checkpoint,
+    verify_checkpoint,
     write_shard,
 )
 from .distributed import Processes
@@ -176,6 +177,8 @@ class Trainer:
         self._pending_sample_metrics: dict[str, float] = {}  # reward of the latest sampled epoch, for the log
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.trackers = Trackers(self.config, self.run_dir) if self.processes.is_main else None
+        #: resume from a checkpoint written under other values of keys that make the run's history
+        self.accept_config_changes = False
         #: files the last ``train()`` wrote besides the checkpoints and the log (eval.json, figures), by name
         self.outputs: dict[str, Path] = {}
 
@@ -263,6 +266,8 @@ class Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_metrics": self._pending_sample_metrics,
             "elapsed": self.elapsed,
             "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.lr_schedulers.items()},
+            "written_by": {"method": self.config.method.name, "model": self.config.model.kind,
+                           "config": history_config(self.config)},
         }
         modules = {"policy": self.run.backend.adapter_state_dict(), "method": self.run.method.networks}
         keep = self.config.train.keep_checkpoints
@@ -288,6 +293,7 @@ class Trainer:
             if not checkpoints:
                 raise FileNotFoundError(f"no checkpoint to resume from in {checkpoint / 'checkpoints'}")
             checkpoint = checkpoints[-1]
+        self._check_written_by(checkpoint, verify_checkpoint(checkpoint))
         load_weights(self.run, checkpoint)
         state = load_training_state(checkpoint, self.optimizers)
         try:
@@ -304,6 +310,24 @@ class Trainer:
         if self.processes.is_main:
             self._truncate_metrics()
         return checkpoint
+
+    def _check_written_by(self, checkpoint: Path, state: dict) -> None:
+        """Refuse a checkpoint written by another method or model, or under a config whose history-making keys differ
+        from this run's (unless ``accept_config_changes``): resuming it would silently rewrite the run's history."""
+        written_by = state.get("written_by")
+        if not isinstance(written_by, dict):  # checkpoints from before this record: nothing to compare
+            return
+        for key, ours in (("method", self.config.method.name), ("model", self.config.model.kind)):
+            if written_by.get(key) != ours:
+                raise CheckpointError(f"checkpoint {checkpoint} was written by {key} {written_by.get(key)!r}, this run "
+                                      f"is {ours!r}; it belongs to another run")
+        theirs, ours = written_by.get("config", {}), history_config(self.config)
+        changed = sorted(key for key in theirs.keys() | ours.keys() if theirs.get(key) != ours.get(key))
+        if changed and not self.accept_config_changes:
+            shown = ", ".join(f"{key} ({theirs.get(key)!r} → {ours.get(key)!r})" for key in changed[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise CheckpointError(f"the config differs from the one checkpoint {checkpoint} was written with: {shown}"
+                                  f"{more}; resume with --accept-config-changes to go on with the new values")
 
     def _truncate_metrics(self) -> None:
         """Drop records logged after the checkpoint, so a resumed run has no duplicated steps."""
@@ -519,6 +543,17 @@ class Trainer:
         if log and self.processes.is_main:
             self._log({"update": self.step, **{f"eval/{k}": v for k, v in evaluation.items()}})
         return evaluation
+
+
+#: keys a resumed run may change without rewriting what it trained so far (``nablagfn train --resume RUN key=value``)
+CHANGEABLE_ON_RESUME = ("train.updates", "train.log_every", "train.eval_every", "train.eval_samples",
+                        "train.checkpoint_every", "train.keep_checkpoints", "train.trackers", "train.device")
+
+
+def history_config(config: RunConfig) -> dict[str, Any]:
+    """The config's flat keys that make a run's history (all but ``CHANGEABLE_ON_RESUME``), as JSON values."""
+    flat = flatten(json.loads(config.model_dump_json()))
+    return {key: value for key, value in flat.items() if key not in CHANGEABLE_ON_RESUME}
 
 
 def _update_of(line: str) -> float:
