@@ -325,21 +325,19 @@ def test_nan_reward_skips_the_update_without_touching_the_weights(tmp_path, monk
     assert [r["update"] for r in log] == list(range(1, 7))
     assert [r["update"] for r in log if r.get("skipped_nonfinite")] == [3, 4]
     assert all(r["loss"] == r["loss"] for r in log if not r.get("skipped_nonfinite"))  # finite where not skipped
-    # every update writes a checkpoint: a skipped update leaves the networks and the optimiser state as they were
+    # every update writes a checkpoint but the skipped ones (during a streak the last good checkpoint stays the
+    # latest); a skipped update leaves the networks and the optimiser state as they were
     checkpoints = {int(p.name.removeprefix("update_")): p for p in list_checkpoints(tmp_path)}
-    assert sorted(checkpoints) == list(range(1, 7))
+    assert sorted(checkpoints) == [1, 2, 5, 6]
 
     def files(update: int) -> dict[str, dict[str, torch.Tensor]]:
         return {p.name: load_file(p) for p in checkpoints[update].glob("*.safetensors")
                 if p.name in ("model.safetensors", "optimizers.safetensors")}
 
-    for update in range(2, 7):
-        before, after = files(update - 1), files(update)
+    for previous, update in ((1, 2), (2, 5), (5, 6)):
+        before, after = files(previous), files(update)
         same = {name: model_tensors_equal(before[name], after[name]) for name in before}
-        if update in (3, 4):
-            assert all(same.values()), (update, same)
-        else:
-            assert not any(same.values()), (update, same)
+        assert not any(same.values()), (update, same)  # 2 → 5: one real update (5) after the two skipped ones
 
 
 def test_nan_every_time_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
@@ -436,3 +434,28 @@ def test_reward_and_feature_weights_with_pickled_code_are_refused(tmp_path, monk
     with pytest.raises(ConfigError, match=r"eval\.features_path.*inception\.pth.*UnpicklingError"):
         features._load_inception(str(inception))
     assert not marker.exists()
+
+
+def test_a_skipped_update_leaves_weights_and_optimiser_untouched(tmp_path, monkeypatch):
+    trainer = Trainer.from_config(load_config(None, [*SMALL, "train.updates=6"]), tmp_path, progress=False)
+    poison_reward(monkeypatch, lambda: trainer.step == 2)
+    trainer.update()
+    trainer.update()
+    weights = {k: v.clone() for k, v in trainer.run.backend.adapter_state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in trainer.optimizers["policy"].state.values()]
+    assert trainer.update()["skipped_nonfinite"] == 1
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.run.backend.adapter_state_dict().items())
+    assert all(torch.equal(s["exp_avg"], m) for s, m in zip(trainer.optimizers["policy"].state.values(), moments))
+    assert "skipped_nonfinite" not in trainer.update()  # and the next one trains again
+
+
+def test_weights_that_blow_up_stop_the_run_at_once(tmp_path, capsys):
+    """Finite loss and gradients, but a step of 1e30 (lr=1e30): before, the weights became 1e30, the following
+    updates were skipped as non-finite, and the run ended with exit 0 and NaN metrics. Now the update that moves the
+    weights by more than train.max_relative_step times their norm stops the run, before any checkpoint holds them."""
+    run_dir = tmp_path / "run"
+    args = ["train", "--out", str(run_dir), "--no-progress", *SMALL, "train.updates=6", "train.checkpoint_every=1",
+            "train.policy_optimizer.lr=1e30", "train.policy_optimizer.grad_clip=null"]
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr().err, "update 1", "train.max_relative_step=10", "no checkpoint")
+    assert list_checkpoints(run_dir) == []

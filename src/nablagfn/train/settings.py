@@ -54,6 +54,11 @@ class TrainConfig(StrictConfig):
         "is always written; wandb honours WANDB_MODE=offline"
     )
     project: str = Field("nablagfn", min_length=1, description="the trackers' project name")
+    max_relative_step: float | None = Field(
+        10.0, gt=0, description="an update that moves a parameter group by more than this many times its own norm "
+        "(‖Δθ‖ > c·‖θ‖: the learning rate or the gradients are far too large) stops the run at once, before any "
+        "checkpoint holds the blown-up weights; None: no check"
+    )
     max_nonfinite_updates: int = Field(
         10, ge=1, description="updates in a row with a NaN or inf in the rewards, loss or gradients (each skipped, "
         "the weights untouched) after which the run stops"

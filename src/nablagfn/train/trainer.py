@@ -437,14 +437,10 @@ class Trainer:
         if not (math.isfinite(loss_value) and gradients_finite):  # the same verdict on every process
             self.nonfinite_in_a_row += 1
             if self.nonfinite_in_a_row >= train.max_nonfinite_updates:
-                checkpoints = list_checkpoints(self.run_dir)
-                then = (f"the last good checkpoint is {checkpoints[-1]}; lower the learning rate or check the reward, "
-                        f"then resume with `nablagfn train --resume {self.run_dir}`" if checkpoints else
-                        "no checkpoint was written yet; lower the learning rate or check the reward and start again")
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (a NaN or inf in "
                     f"the rewards, the loss or the gradients; each was skipped); stopping at update {self.step}: "
-                    f"{then}"
+                    f"{self._what_now()}"
                 )
             return {"loss": loss_value, "skipped_nonfinite": 1.0}
         self.nonfinite_in_a_row = 0
@@ -453,9 +449,40 @@ class Trainer:
             if settings[name].grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, settings[name].grad_clip)
                 totals[f"grad_norm/{name}"] = norm.item()
+        before = {name: [p.detach().clone() for p in params] for name, params in self.parameter_groups.items()}
         for optimizer in self.optimizers.values():
             optimizer.step()
+        problem = self._step_problem(before)
+        if not self.processes.all_true(problem is None):  # finite loss and gradients, yet the step blew the weights up
+            raise NonFiniteLossError(f"update {self.step + 1}: {problem or 'another process saw a blown-up step'} "
+                                     f"(the learning rate or the gradients are far too large); stopping: "
+                                     f"{self._what_now()}")
         return {"loss": loss_value, **totals}
+
+    def _step_problem(self, before: dict[str, list[torch.Tensor]]) -> str | None:
+        """What is wrong with the step just taken from the parameters ``before`` it: non-finite weights, or a group
+        moved by more than ``train.max_relative_step`` times its norm; None when nothing is."""
+        limit = self.config.train.max_relative_step
+        for name, params in self.parameter_groups.items():
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                return f"the {name} weights became non-finite"
+            if limit is None:
+                continue
+            step = math.sqrt(sum(float((p.detach() - old).double().square().sum()) for p, old in zip(params, before[name])))
+            norm = math.sqrt(sum(float(old.double().square().sum()) for old in before[name]))
+            if norm > 0 and step > limit * norm:
+                return (f"the step moved the {name} weights by {step / norm:.3g} times their norm (more than "
+                        f"train.max_relative_step={limit:g})")
+        return None
+
+    def _what_now(self) -> str:
+        """The end of a non-finite stop message: the last checkpoint (never written during a streak of skipped
+        updates, so its weights are good) and what to do."""
+        checkpoints = list_checkpoints(self.run_dir)
+        if checkpoints:
+            return (f"the last good checkpoint is {checkpoints[-1]}; lower the learning rate or check the reward, "
+                    f"then resume with `nablagfn train --resume {self.run_dir}`")
+        return "no checkpoint was written yet; lower the learning rate or check the reward and start again"
 
     def train(self, resume: bool = False, write_outputs: bool = True) -> dict[str, float] | None:
         """Run to ``train.updates`` optimiser updates, evaluating, logging and checkpointing on the way.
@@ -515,7 +542,8 @@ class Trainer:
                     self.trackers.log_samples(self.run, self.step)
                     bar.set_postfix(self._postfix(metrics, evaluation))
             if self.step % train.checkpoint_every == 0 or self.step == train.updates:
-                self.save()
+                if not self.nonfinite_in_a_row:  # during a streak of skipped updates the last checkpoint stays
+                    self.save()
         bar.close()
         if not evaluated:  # resumed a finished run
             evaluation = self._evaluate_logged("final evaluation", log=False)
