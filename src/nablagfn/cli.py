@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nablagfn",
         description="Reward finetuning of diffusion models with residual ∇-DB (Nabla-GFlowNet) and baselines.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or NABLAGFN_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="finetune a model (defaults: the built-in digits model toward the digit 3 with residual ∇-DB)",
@@ -285,7 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every error ends in one ``nablagfn: error: …`` line (exit 2; 130 when interrupted), its traceback
+    only with ``--debug`` or ``NABLAGFN_DEBUG=1``."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("NABLAGFN_DEBUG", "") not in ("", "0")
     if getattr(args, "num", 1) < 1:
         print("nablagfn: error: --num must be ≥ 1", file=sys.stderr)
         return 2
@@ -294,15 +299,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except ConfigError as error:
-        print(f"nablagfn: error: {error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, CheckpointError, NonFiniteLossError) as error:
-        print(f"nablagfn: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("nablagfn: interrupted; resume with `nablagfn train --resume RUN_DIR`", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 — each kind gets its one line below
+        if debug:
+            raise
+        print(f"nablagfn: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: Exception) -> str:
+    """The one-line message of an error: ours as they are; a file-system error naming its file; anything else with
+    its kind and how to see the traceback."""
+    if isinstance(error, (ConfigError, CheckpointError, NonFiniteLossError)):
+        return str(error)  # written for the user (an invalid config lists its keys one per line)
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        return f"{error.strerror or text}{where}; check the path, its permissions and free space"
+    if isinstance(error, MemoryError) or "out of memory" in text.lower():
+        return ("out of memory; ask for fewer samples at once (--num, train.eval_samples, model.sample_batch_size) "
+                "or a smaller batch")
+    return (f"unexpected {type(error).__name__}: {text[:500]} (if this looks like a bug, rerun with --debug for the "
+            "traceback and report it)")
 
 
 if __name__ == "__main__":

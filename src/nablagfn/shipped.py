@@ -19,6 +19,7 @@ def load_weights_into(module: nn.Module, weights: str | None, shipped: str, key:
     """Load a safetensors file (``weights``; None: the shipped ``shipped`` file) into ``module``.
 
     Errors name the config ``key`` and how to make the file (the ``rebuild`` command)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(weights).expanduser() if weights else shipped_weights(shipped)
@@ -27,6 +28,7 @@ def load_weights_into(module: nn.Module, weights: str | None, shipped: str, key:
         raise ConfigError(f"{key}: weights file {str(path)!r} not found ({hint})")
     try:
         module.load_state_dict(load_file(str(path)))
-    except (RuntimeError, OSError) as error:
-        raise ConfigError(f"{key}: {str(path)!r} does not hold {type(module).__name__} weights ({error})") from None
+    except (RuntimeError, OSError, SafetensorError, ValueError) as error:  # wrong keys or shapes, not safetensors
+        detail = " ".join(str(error).split())[:300] or type(error).__name__
+        raise ConfigError(f"{key}: {str(path)!r} does not hold {type(module).__name__} weights ({detail})") from None
     return module

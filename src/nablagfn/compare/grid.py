@@ -151,10 +151,14 @@ def train_run(spec: RunSpec, progress: bool = False, position: int | None = None
     from ..errors import NonFiniteLossError
     from ..train.trainer import Trainer
 
+    from ..train.rundir import is_locked
+
     state = run_state(spec.run_dir, spec.config.train.updates)
     outcome: dict[str, Any] = {"name": spec.name, "state": state, "seconds": 0.0}
     if state in ("finished", "diverged"):
         return {**outcome, "status": "skipped"}
+    if is_locked(spec.run_dir):  # another live process (an earlier compare's worker) trains it
+        return {**outcome, "state": "held by another process", "status": "skipped"}
     started = time.perf_counter()
     trainer = None
     try:
@@ -175,10 +179,22 @@ def train_run(spec: RunSpec, progress: bool = False, position: int | None = None
     return outcome
 
 
-def _pool_worker_init() -> None:
+def _pool_worker_init(parent: int) -> None:
+    """One thread per worker, and a watch on the parent: a worker whose ``compare`` died (killed, even with SIGKILL)
+    exits within a second instead of training on alone (its run resumes from its last checkpoint on a rerun)."""
+    import threading
+    import time
+
     import torch
 
     torch.set_num_threads(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="nablagfn-parent-watch").start()
 
 
 def _train_in_worker(spec: RunSpec, progress: bool) -> dict[str, Any]:
@@ -233,16 +249,18 @@ def run_grid(
     saved_env = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update({name: "1" for name in saved_env})  # inherited by the spawned workers before torch loads
     try:
-        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"),
-                                 initializer=_pool_worker_init) as pool:
-            futures = [pool.submit(_train_in_worker, spec, progress) for spec in todo]
-            try:
-                for future in as_completed(futures):
-                    report(future.result())
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"),
+                                   initializer=_pool_worker_init, initargs=(os.getpid(),))
+        futures = [pool.submit(_train_in_worker, spec, progress) for spec in todo]
+        try:
+            for future in as_completed(futures):
+                report(future.result())
+        except BaseException:  # Ctrl-C or an error: no queued run starts, the running ones stop now (they resume
+            for process in list(getattr(pool, "_processes", {}).values()):  # from their checkpoints on a rerun)
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     finally:
         for name, value in saved_env.items():
             if value is None:

@@ -66,6 +66,20 @@ def staging_directory(run_dir: Path, update: int) -> Path:
     return Path(run_dir) / "checkpoints" / f".tmp_update_{update:07d}"
 
 
+def _write_failed(path: Path, error: BaseException) -> str:
+    detail = " ".join(str(error).split()) or type(error).__name__
+    return (f"writing checkpoint file {path} failed ({detail}); the previous checkpoints are intact: free space or fix "
+            "the directory, then resume with --resume")
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``save_file`` with a full disk or an unwritable directory as a one-line CheckpointError."""
+    try:
+        save_file(tensors, path)
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(_write_failed(path, error)) from None
+
+
 def start_checkpoint(run_dir: Path, update: int) -> Path:
     """Create an empty staging directory for the checkpoint of ``update`` (by one process)."""
     staging = staging_directory(run_dir, update)
@@ -76,7 +90,7 @@ def start_checkpoint(run_dir: Path, update: int) -> Path:
 
 def write_shard(staging: Path, index: int, tensors: dict[str, torch.Tensor]) -> None:
     """The state of one data shard (its RNG state and the trajectories it carries to the next epoch)."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / f"shard_{index:03d}.safetensors")
+    _save(staging / f"shard_{index:03d}.safetensors", {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
 def finish_checkpoint(
@@ -93,17 +107,20 @@ def finish_checkpoint(
     for prefix, module in modules.items():
         items = module.state_dict() if isinstance(module, nn.Module) else module
         model.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in items.items()})
-    save_file(model, staging / "model.safetensors")
+    _save(staging / "model.safetensors", model)
     optimizer_tensors, optimizer_meta = {}, {}
     for name, optimizer in optimizers.items():
         t, meta = _optimizer_tensors(name, optimizer)
         optimizer_tensors.update({k: v.cpu() for k, v in t.items()})
         optimizer_meta[name] = meta
-    save_file(optimizer_tensors, staging / "optimizers.safetensors")
+    _save(staging / "optimizers.safetensors", optimizer_tensors)
     checksums = {path.name: file_sha256(path) for path in sorted(staging.glob("*.safetensors"))}
-    (staging / "state.json").write_text(
-        strict_json({**state, "optimizers": optimizer_meta, "sha256": checksums}, indent=1)
-    )
+    try:
+        (staging / "state.json").write_text(
+            strict_json({**state, "optimizers": optimizer_meta, "sha256": checksums}, indent=1)
+        )
+    except OSError as error:
+        raise CheckpointError(_write_failed(staging / "state.json", error)) from None
     for path in staging.iterdir():  # on disk before the rename makes the checkpoint visible
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
