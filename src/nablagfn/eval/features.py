@@ -144,6 +144,11 @@ class InceptionFeatures(FeatureExtractor):
 
 
 def _load_dreamsim(path: str, device: str) -> nn.Module:
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 6):  # the dreamsim package calls torch.load without weights_only
+        raise ConfigError(f"eval.features=dreamsim needs torch ≥ 2.6 (this is {torch.__version__}): the dreamsim "
+                          "package loads its files with a plain torch.load, which only from 2.6 on refuses to run "
+                          "pickled code; upgrade torch or choose another eval.features")
     directory = Path(path).expanduser()
     missing = [name for name in DREAMSIM_FILES if not (directory / name).exists()]
     if missing:
