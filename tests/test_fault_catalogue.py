@@ -268,3 +268,41 @@ def test_compare_workers_die_with_their_parent_and_a_rerun_skips_held_runs(tmp_p
                                  "0", *SMALL_RUN, "train.updates=400", "train.eval_every=1000",
                                  "train.checkpoint_every=5"], env=env, capture_output=True, text=True, timeout=300)
     assert "skipped (held by another process)" in result.stdout, result.stdout + result.stderr
+
+
+# -- a real full disk --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root and a kernel that lets this process mount; skipped otherwise)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_a_full_disk_stops_in_one_line_and_the_run_resumes_elsewhere(small_disk, tmp_path, capsys):
+    import shutil
+
+    from nablagfn.train.checkpoint import verify_checkpoint
+
+    run_dir = small_disk / "run"
+    code = main(["train", "--out", str(run_dir), "--no-progress", *SMALL_RUN, "train.updates=400",
+                 "train.checkpoint_every=1", "train.keep_checkpoints=1000", "train.eval_every=100000",
+                 "train.log_every=1"])
+    assert code == 2
+    one_line_error(capsys, "No space left on device")
+    checkpoints = list_checkpoints(run_dir)
+    assert checkpoints, "the disk filled before the first checkpoint"
+    for checkpoint in checkpoints:  # every checkpoint that looks complete is complete
+        verify_checkpoint(checkpoint)
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns(".tmp_*", LOCK_FILE))
+    last = int(checkpoints[-1].name.removeprefix("update_"))
+    assert main(["train", "--resume", str(moved), "--no-progress", f"train.updates={last + 2}"]) == 0
+    records = [json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in records if "loss" in r] == list(range(1, last + 3))
