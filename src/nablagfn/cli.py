@@ -318,7 +318,7 @@ def _one_line(error: Exception) -> str:
     if isinstance(error, OSError):
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         return f"{error.strerror or text}{where}; check the path, its permissions and free space"
-    if isinstance(error, MemoryError) or "out of memory" in text.lower():
+    if isinstance(error, MemoryError) or any(sign in text.lower() for sign in ("out of memory", "can't allocate memory")):
         return ("out of memory; ask for fewer samples at once (--num, train.eval_samples, model.sample_batch_size) "
                 "or a smaller batch")
     return (f"unexpected {type(error).__name__}: {text[:500]} (if this looks like a bug, rerun with --debug for the "

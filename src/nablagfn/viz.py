@@ -77,7 +77,7 @@ def plot_training_curves(records: list[dict], path: Path, keys: list[str],
     """One panel per metric key found in the run's metrics.jsonl records, against the update number. Each ``eval/``
     panel also draws its value at update 0 (the pretrained model) as a dotted line, and ``references`` (key →
     (value, label)) as dashed lines."""
-    present = [key for key in keys if any(key in record for record in records)]
+    present = [key for key in keys if any(record.get(key) is not None for record in records)]
     if not present:
         return None
     references = references or {}
@@ -87,7 +87,7 @@ def plot_training_curves(records: list[dict], path: Path, keys: list[str],
     for axis in axes.flat[len(present):]:
         axis.axis("off")
     for axis, key in zip(axes.flat, present):
-        points = [(record["update"], record[key]) for record in records if key in record]
+        points = [(record["update"], record[key]) for record in records if record.get(key) is not None]  # null: NaN
         axis.plot([u for u, _ in points], [v for _, v in points], marker="o" if len(points) < 30 else None)
         start = [value for update, value in points if update == 0]
         if key.startswith("eval/") and start and len(points) > 1:
