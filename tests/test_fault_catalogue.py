@@ -197,6 +197,8 @@ def test_an_edited_config_is_named_and_needs_a_flag(finished, tmp_path, capsys):
         (["train.device=gpu"], "train.device"),
         (["train.device=cuda:3"], "train.device"),
         (["method.beta=[1"], "method.beta"),
+        (["reward.scale=1e-200"], "reward.scale"),  # its square underflowed: a division by zero mid-run
+        (["model.means=[[1e300,0]]", "model.stds=[1]"], "model.means"),  # ran, with meaningless metrics
     ],
 )
 def test_bad_config_values_are_one_line_errors(tmp_path, capsys, overrides, key):

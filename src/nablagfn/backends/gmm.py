@@ -59,6 +59,9 @@ class GMMModelConfig(StrictConfig):
             raise ValueError(f"model.stds: expected {len(self.means)} values (one per mean), got {len(self.stds)}")
         if any(s <= 0 for s in self.stds):
             raise ValueError("model.stds: every std must be > 0")
+        limit = 1e6  # float32 states overflow far beyond it
+        if any(abs(v) > limit for mean in self.means for v in mean) or any(not 1e-6 <= s <= limit for s in self.stds):
+            raise ValueError(f"model.means: every value must be within ±{limit:g}, and model.stds in [1e-6, {limit:g}]")
         if self.weights is not None:
             if len(self.weights) != len(self.means):
                 raise ValueError(f"model.weights: expected {len(self.means)} values, got {len(self.weights)}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -13,19 +13,25 @@ from ..mixture import GaussianMixture
 from .base import Reward
 
 
+#: the largest magnitude of a vector reward's and a mixture's numbers: beyond it float32 states overflow
+VECTOR_LIMIT = 1e6
+
+
 class GaussianRewardConfig(StrictConfig):
     """log R(x) = −|x − center|² / (2 · scale²)."""
 
     kind: Literal["gaussian"] = "gaussian"
-    center: list[float] = Field(default_factory=lambda: [3.0, 0.5])
-    scale: float = Field(1.0, gt=0)
+    center: list[Annotated[float, Field(ge=-VECTOR_LIMIT, le=VECTOR_LIMIT)]] = Field(default_factory=lambda: [3.0, 0.5])
+    scale: float = Field(1.0, ge=1e-6, le=VECTOR_LIMIT, description="in [1e-6, 1e6]: a square that stays a float")
 
 
 class LinearRewardConfig(StrictConfig):
     """log R(x) = direction · x."""
 
     kind: Literal["linear"] = "linear"
-    direction: list[float] = Field(default_factory=lambda: [1.0, 0.0])
+    direction: list[Annotated[float, Field(ge=-VECTOR_LIMIT, le=VECTOR_LIMIT)]] = Field(
+        default_factory=lambda: [1.0, 0.0]
+    )
 
 
 class GaussianReward(Reward):
