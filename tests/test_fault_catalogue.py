@@ -308,3 +308,25 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes_elsewhere(small_disk,
     assert main(["train", "--resume", str(moved), "--no-progress", f"train.updates={last + 2}"]) == 0
     records = [json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records if "loss" in r] == list(range(1, last + 3))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="watches processes through Linux semantics")
+def test_ctrl_c_stops_compare_and_its_runs_at_once(tmp_path):
+    """Before, Ctrl-C waited for the running runs and started a queued one (tens of seconds)."""
+    out = tmp_path / "report"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "nablagfn", "compare", "--out", str(out), "--no-progress",
+                                "--jobs", "2", "--methods", "residual_nabla_db", "ddpo", "nabla_db", "--seeds", "0",
+                                *SMALL_RUN, "train.updates=400", "train.eval_every=1000"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = out / "runs"
+    deadline = time.time() + 120
+    while not (runs.is_dir() and sum(is_locked(run) for run in runs.iterdir()) == 2) and time.time() < deadline:
+        time.sleep(0.5)
+    started = time.time()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert time.time() - started < 15, "Ctrl-C took too long"
+    assert process.returncode == 130 and "interrupted" in err, err
+    assert not any(is_locked(run) for run in runs.iterdir())
+    assert not (runs / "nabla_db_seed0").exists() or not list_checkpoints(runs / "nabla_db_seed0")  # never started
