@@ -207,3 +207,23 @@ def test_every_method_key_is_documented():
             nested = type(default).model_fields if isinstance(default, BaseModel) else {}
             for name in [f"{key}.{sub}" for sub in nested] or [key]:
                 assert name == "name" or f"`method.{name}`" in text, f"method.{name} ({cls.__name__})"
+
+
+def test_stable_diffusion_presets_per_model_and_reward():
+    """Stable Diffusion without --config gets the paper's one-GPU settings and an image-sized evaluation (it got the
+    mixture's 256-trajectory batches and 4,000 evaluation samples, with fp16 weights on a CPU); β and λ follow the
+    reward where the paper sets them; the user's values win; model.dtype=auto is fp32 on a CPU."""
+    sd = ["model.kind=stable_diffusion"]
+    config = load_config(None, sd)
+    assert config.reward.kind == "aesthetic" and (config.method.beta, config.method.output_reg) == (1e4, 1e3)
+    train = config.train
+    assert (train.trajectories_per_epoch, train.batch_size, train.accumulation, train.eval_samples) == (64, 4, 8, 64)
+    assert config.model.dtype == "fp32" and "dtype: fp32" in dump_config(config)
+    hps = load_config(None, [*sd, "reward.kind=hpsv2"]).method
+    assert (hps.beta, hps.output_reg) == (1e4, 1e2)
+    assert load_config(None, [*sd, "reward.kind=imagereward"]).method.beta == 1e3
+    brightness = load_config(None, [*sd, "reward.kind=brightness"]).method
+    assert (brightness.beta, brightness.output_reg) == (0.5, 0.0)  # no paper setting: the method's defaults
+    mine = load_config(None, [*sd, "method.beta=3", "train.eval_samples=8", "model.dtype=bf16"])
+    assert (mine.method.beta, mine.train.eval_samples, mine.model.dtype) == (3.0, 8, "bf16")
+    assert load_config(None, [*sd, "method.name=ddpo"]).train.batch_size == 4  # method keys only where they exist

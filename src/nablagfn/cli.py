@@ -64,6 +64,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.train(resume=bool(args.resume))
         return 0
     print(f"run directory: {run_dir}")
+    from .train.run import describe_run
+
+    print(describe_run(trainer.config))
     if processes.world_size > 1:
         print(f"training processes: {processes.world_size}, data shards: {trainer.config.train.data_shards}")
     metrics = trainer.train(resume=bool(args.resume))

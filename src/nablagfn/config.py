@@ -61,6 +61,10 @@ class RunConfig(StrictConfig):
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":
         model, reward = self.model.kind, self.reward.kind
+        if model == "stable_diffusion" and self.model.dtype == "auto":
+            from .backends.stable_diffusion import resolve_dtype
+
+            self.model.dtype = resolve_dtype("auto", self.train.device)
         if reward in VECTOR_REWARDS:
             if model != "gmm":
                 raise ValueError(f"reward.kind: {reward!r} is a reward on vectors; model.kind={model!r} makes images")

@@ -153,7 +153,29 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "eval_samples": 300,
         },
     },
-    "stable_diffusion": {},
+    "stable_diffusion": {  # the paper's single-GPU share (configs/sd_aesthetic.yaml), an evaluation sized for images
+        "train": {
+            "updates": 200,
+            "trajectories_per_epoch": 64,
+            "batch_size": 4,
+            "accumulation": 8,
+            "policy_optimizer": {"lr": 1e-3, "weight_decay": 1e-4},
+            "flow_optimizer": {"lr": 1e-3, "weight_decay": 1e-2},
+            "lr_schedule": "constant",
+            "checkpoint_every": 20,
+            "eval_every": 20,
+            "eval_samples": 64,
+            "log_every": 1,
+        },
+    },
+}
+
+#: defaults for a reward on a model, beneath the user's values and above the model's: the paper's β and output
+#: regularisation λ per reward (its code's scale: losses are element means); ImageReward's λ is not in the paper (HPSv2's)
+REWARD_PRESETS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("stable_diffusion", "aesthetic"): {"method": {"beta": 1e4, "output_reg": 1e3}},
+    ("stable_diffusion", "hpsv2"): {"method": {"beta": 1e4, "output_reg": 1e2}},
+    ("stable_diffusion", "imagereward"): {"method": {"beta": 1e3, "output_reg": 1e2}},
 }
 
 
@@ -169,16 +191,20 @@ def _with_defaults(defaults: dict, tree: dict) -> dict:
 
 
 def _apply_preset(tree: dict, model_kind: str) -> dict:
-    preset = MODEL_PRESETS.get(model_kind, {})
+    """The reward's preset on this model (``REWARD_PRESETS``), then the model's (``MODEL_PRESETS``), each beneath
+    what is already there."""
     method = tree.get("method") if isinstance(tree.get("method"), dict) else {}
     method_class = {cls.model_fields["name"].default: cls for cls in MethodConfig.__origin__.__args__}.get(
         method.get("name", "residual_nabla_db")
     )
-    for section, values in preset.items():
-        if section == "method":  # only the keys the chosen method has
-            values = {k: v for k, v in values.items() if method_class is not None and k in method_class.model_fields}
-        if values and (section not in tree or isinstance(tree[section], dict)):
-            tree[section] = _with_defaults(values, tree.get(section) or {})
+    reward = tree.get("reward") if isinstance(tree.get("reward"), dict) else {}
+    reward_kind = reward.get("kind", DEFAULT_REWARD.get(model_kind, "gaussian"))
+    for preset in (REWARD_PRESETS.get((model_kind, reward_kind), {}), MODEL_PRESETS.get(model_kind, {})):
+        for section, values in preset.items():
+            if section == "method":  # only the keys the chosen method has
+                values = {k: v for k, v in values.items() if method_class is not None and k in method_class.model_fields}
+            if values and (section not in tree or isinstance(tree[section], dict)):
+                tree[section] = _with_defaults(values, tree.get(section) or {})
     return tree
 
 

@@ -38,7 +38,10 @@ class StableDiffusionModelConfig(StrictConfig):
         "scheduler/) or hub id",
     )
     revision: str | None = Field(None, description="hub revision (hub ids only)")
-    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="base weights; trainable ones are fp32")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="frozen base weights (trainable ones are fp32); auto: fp32 on a CPU, bf16 on a GPU that has "
+        "it, else fp16 (resolved when the config is validated, and recorded)"
+    )
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float | None = Field(None, gt=0, description="None: equal to lora_rank")
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
@@ -63,6 +66,16 @@ class StableDiffusionModelConfig(StrictConfig):
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``model.dtype`` with ``auto`` resolved for ``device``: fp32 off CUDA (CPUs have no fast half precision), bf16
+    on a GPU that supports it, else fp16."""
+    if dtype != "auto":
+        return dtype
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 #: what a pipeline directory must hold
 PIPELINE_ENTRIES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 #: prompts encoded per text-encoder call when filling the embedding cache
@@ -218,7 +231,7 @@ class StableDiffusionBackend(Backend):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        dtype = DTYPES[config.dtype]
+        dtype = DTYPES[resolve_dtype(config.dtype, "cpu")]  # a RunConfig has resolved auto for its device already
         hub = _is_hub_id(config.path)
         if hub:
             root, revision = config.path, config.revision  # each component fetches only the files it needs

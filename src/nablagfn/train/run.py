@@ -269,3 +269,30 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, backe
     load_weights(run, path)
     run.checkpoint = path
     return run
+
+
+def describe_run(config: RunConfig) -> str:
+    """The key settings a run goes with (after presets) and the size of its evaluations, a few lines for the start of
+    ``nablagfn train``."""
+    model, method, train, sampler = config.model, config.method, config.train, config.sampler
+    if model.kind == "gmm":
+        where = f"{len(model.means)}-mode Gaussian mixture in {model.dim}-D"
+    elif model.kind == "stable_diffusion":
+        where = (f"{model.path} ({model.dtype} base weights, LoRA rank {model.lora_rank}, guidance "
+                 f"{model.guidance_scale:g})")
+    else:
+        where = "the built-in 8×8 digits model"
+    beta = getattr(method, "beta", None)
+    per_update = train.batch_size * train.accumulation
+    evaluations = train.updates // train.eval_every + 1 + (train.updates % train.eval_every != 0)
+    pretrained = " + as many pretrained ones for the FID, once" if config.eval.prior_fid and model.kind != "gmm" else ""
+    return "\n".join([
+        f"model: {where}; reward: {config.reward.kind}",
+        f"method: {method.name}" + (f", β = {beta:g}" if beta is not None else "")
+        + (f", η = {method.prior_strength:g}" if hasattr(method, "prior_strength") else ""),
+        f"sampler: {sampler.kind}, {sampler.steps} steps; training: {train.updates} updates of {per_update} "
+        f"trajectories ({train.batch_size} × {train.accumulation}), {train.trajectories_per_epoch} per epoch, on "
+        f"{train.device}",
+        f"evaluations: {evaluations} × {train.eval_samples} samples (every {train.eval_every} updates and at the "
+        f"start and end){pretrained}",
+    ])
