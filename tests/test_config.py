@@ -227,3 +227,8 @@ def test_stable_diffusion_presets_per_model_and_reward():
     mine = load_config(None, [*sd, "method.beta=3", "train.eval_samples=8", "model.dtype=bf16"])
     assert (mine.method.beta, mine.train.eval_samples, mine.model.dtype) == (3.0, 8, "bf16")
     assert load_config(None, [*sd, "method.name=ddpo"]).train.batch_size == 4  # method keys only where they exist
+
+
+def test_sizing_the_batches_drops_the_presets_accumulation():
+    config = load_config(None, ["model.kind=stable_diffusion", "train.trajectories_per_epoch=4"])
+    assert (config.train.trajectories_per_epoch, config.train.batch_size, config.train.accumulation) == (4, 4, 1)

@@ -391,3 +391,18 @@ def test_text_image_reward_scores_each_sample_with_its_own_prompt(pipeline_dir, 
     together = run.reward.log_reward(images, cond)
     alone = torch.cat([run.reward.log_reward(images[i : i + 1], cond[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_the_stable_diffusion_defaults_run_on_a_cpu(pipeline_dir, tmp_path, capsys):
+    """A new user's first command, with no other keys: the presets (64 trajectories per epoch, 64 evaluation samples,
+    fp32 on a CPU) make it finish in seconds on the tiny pipeline (it did not finish in 20 minutes before), and the
+    run says what it is about to do."""
+    from nablagfn.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), "--no-progress", "model.kind=stable_diffusion",
+                 f"model.path={pipeline_dir}", "reward.kind=brightness", "sampler.steps=4", "train.updates=2"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 base weights" in out and "2 updates of 32 trajectories (4 × 8), 64 per epoch" in out
+    assert "evaluations: 2 × 64 samples" in out
+    assert json.loads((run_dir / "eval.json").read_text())["log_reward_mean"] > 0

@@ -170,6 +170,10 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+#: the keys that size a batch: when a config sets one of them, the presets' accumulation is not applied (a preset
+#: of 8 under the user's own 4 trajectories per epoch would make an invalid config)
+BATCH_KEYS = {"trajectories_per_epoch", "batch_size", "accumulation"}
+
 #: defaults for a reward on a model, beneath the user's values and above the model's: the paper's β and output
 #: regularisation λ per reward (its code's scale: losses are element means); ImageReward's λ is not in the paper (HPSv2's)
 REWARD_PRESETS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
@@ -203,6 +207,9 @@ def _apply_preset(tree: dict, model_kind: str) -> dict:
         for section, values in preset.items():
             if section == "method":  # only the keys the chosen method has
                 values = {k: v for k, v in values.items() if method_class is not None and k in method_class.model_fields}
+            given = tree.get(section) if isinstance(tree.get(section), dict) else {}
+            if section == "train" and BATCH_KEYS & set(given):  # the user sized the batches: no preset accumulation
+                values = {k: v for k, v in values.items() if k != "accumulation"}
             if values and (section not in tree or isinstance(tree[section], dict)):
                 tree[section] = _with_defaults(values, tree.get(section) or {})
     return tree
