@@ -68,6 +68,11 @@ MODELS: dict[str, tuple[list[str], str]] = {
                 "brightness reward, 8 trajectories per epoch, 4 per update, 20-step DDPM"),
     "gmm": (["model.kind=gmm"], "exact 2-D Gaussian mixture (8-mode ring), Gaussian reward, 256 trajectories per "
                                "epoch and per update, 50-step DDPM"),
+    "sd15": (["model.kind=stable_diffusion", "reward.kind=brightness", "sampler.steps=4",
+              "train.trajectories_per_epoch=2", "train.batch_size=1", "model.sample_batch_size=1"],
+             "Stable Diffusion 1.5's architecture with random weights (benchmarks/sd15_architecture.py; UNet 860 M, "
+             "VAE, CLIP ViT-L/14 text encoder; the reference code's flow UNet 64/128/256/256), CFG 5, brightness "
+             "reward, 2 trajectories per epoch, 1 per update, 4-step DDPM (--latent-size: 64 is 512×512 images)"),
 }
 PARTS = ("cost", "memory", "overhead")
 MB = 2.0**20
@@ -119,7 +124,7 @@ def median(values: list[float]) -> float:
 # -- runs --------------------------------------------------------------------------------------------------------------
 def model_overrides(model: str, sd_path: str | None) -> list[str]:
     overrides = list(MODELS[model][0])
-    if model == "sd-tiny":
+    if model in ("sd-tiny", "sd15"):
         overrides.append(f"model.path={sd_path}")
     return overrides
 
@@ -604,7 +609,8 @@ def main() -> None:
     parser.add_argument("--level", type=float, default=-1.0, help="the mean log-reward of --time-to-reward")
     parser.add_argument("--out", type=Path, help="write every number as JSON")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    parser.add_argument("--sd-path", help=argparse.SUPPRESS)
+    parser.add_argument("--sd-path", help="a pipeline directory for --model sd-tiny or sd15 (default: written afresh)")
+    parser.add_argument("--latent-size", type=int, default=64, help="--model sd15: the latent side (64: 512×512)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -619,6 +625,10 @@ def main() -> None:
         if parts:
             if args.model == "sd-tiny" and not args.sd_path:
                 args.sd_path = tiny_sd_pipeline(workdir)
+            if args.model == "sd15" and not args.sd_path:
+                from sd15_architecture import save_sd15
+
+                args.sd_path = str(save_sd15(workdir / "sd15", args.latent_size, "fp16"))
             results.update(model=args.model, overrides=args.override, methods=args.methods)
             methods = list(args.methods)
             if "overhead" in parts and REFERENCE not in methods:
