@@ -41,7 +41,7 @@ TEXT = dict(
 )
 #: scheduler/scheduler_config.json of stable-diffusion-v1-5
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False)
+                 set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
 
 
 def save_sd15(path: str | Path, latent_size: int = 64, dtype: str = "fp16", seed: int = 0) -> Path:

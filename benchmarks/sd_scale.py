@@ -30,11 +30,13 @@ def main() -> None:
     parser.add_argument("--latent-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parts", nargs="+", default=["cost", "memory", "overhead"])
+    parser.add_argument("--methods", nargs="+", default=METHODS,
+                        help="the cost part holds every method's model at once (about 4.3 GB each in fp32)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     command = [sys.executable, str(HERE / "method_costs.py"), "--model", "sd15", "--device", args.device,
-               "--latent-size", str(args.latent_size), "--threads", str(args.threads), "--methods", *METHODS,
+               "--latent-size", str(args.latent_size), "--threads", str(args.threads), "--methods", *args.methods,
                "--parts", *args.parts, "--repeats", "1", "--overhead-repeats", "1",
                "--override", *(CUDA_OVERRIDES if cuda else ["model.dtype=fp32"])]
     if args.out:
