@@ -261,3 +261,22 @@ def test_a_mixture_made_in_python_is_recorded_and_measured_against_its_target(tm
     metrics = trainer.train(write_outputs=False)
     assert {"mode_tv", "energy_distance"} <= set(metrics)
     assert ng.load_run(tmp_path).exact_target() is not None
+
+
+def test_save_to_a_directory_and_load_from_it_resumes_exactly(tmp_path):
+    config = load_config(None, [*SMALL_RUN, "train.updates=4"])
+    straight = ng.Trainer.from_config(config, tmp_path / "a", progress=False)
+    for _ in range(4):
+        straight.update()
+    first = ng.Trainer.from_config(config, tmp_path / "b", progress=False)
+    for _ in range(2):
+        first.update()
+    saved = first.save(tmp_path / "elsewhere")
+    assert saved == tmp_path / "elsewhere" and (saved / "model.safetensors").is_file()
+    second = ng.Trainer.from_config(config, tmp_path / "c", progress=False)
+    second.load(saved)
+    for _ in range(2):
+        second.update()
+    assert second.step == 4
+    for a, b in zip(straight.run.backend.trainable_parameters(), second.run.backend.trainable_parameters()):
+        assert torch.equal(a, b)

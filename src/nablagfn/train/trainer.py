@@ -256,9 +256,11 @@ class Trainer:
                 raise error
             raise CheckpointError("another training process failed while writing a checkpoint; see its error")
 
-    def save(self) -> Path:
-        """Write a checkpoint; every process takes part in each step: the main one creates the staging directory,
-        each writes its shards, the main one writes the rest and renames it into place."""
+    def save(self, directory: str | Path | None = None) -> Path:
+        """Write a checkpoint into ``RUN_DIR/checkpoints`` (and, given ``directory``, a copy there, which ``load``
+        takes as it is); returns the checkpoint written (the copy, given ``directory``). Every process takes part in
+        each step: the main one creates the staging directory, each writes its shards, the main one writes the rest
+        and renames it into place."""
         staging = staging_directory(self.run_dir, self.step)
         main = self.processes.is_main
         state = {
@@ -282,7 +284,13 @@ class Trainer:
             lambda: finish_checkpoint(staging, self.step, modules, self.optimizers, state, keep) if main else None,
         ):
             self._together(step, remove_staging)
-        return self.run_dir / "checkpoints" / staging.name.removeprefix(".tmp_")
+        written = self.run_dir / "checkpoints" / staging.name.removeprefix(".tmp_")
+        if directory is None:
+            return written
+        if self.processes.is_main:
+            shutil.copytree(written, directory, dirs_exist_ok=True)
+        self.processes.barrier()
+        return Path(directory)
 
     def load(self, path: str | Path) -> Path:
         """Restore the weights, optimisers, generators and epoch data of a checkpoint (a checkpoint directory, or a
@@ -449,7 +457,8 @@ class Trainer:
             if settings[name].grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, settings[name].grad_clip)
                 totals[f"grad_norm/{name}"] = norm.item()
-        before = {name: [p.detach().clone() for p in params] for name, params in self.parameter_groups.items()}
+        before = ({name: [p.detach().clone() for p in params] for name, params in self.parameter_groups.items()}
+                  if train.max_relative_step is not None else {})  # no copies when the step size is not checked
         for optimizer in self.optimizers.values():
             optimizer.step()
         problem = self._step_problem(before)
