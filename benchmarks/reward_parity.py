@@ -160,6 +160,16 @@ def _perturb(state: dict) -> None:
                 tensor.add_(NOISE * torch.randn(tensor.shape, generator=generator))
 
 
+def _unit_gain(head: torch.nn.Module) -> None:
+    """Linear weights ~ N(0, 1/fan_in): the published heads' random inits shrink the output by ~1e-3 (ImageReward's
+    std 1/(768+1)), which would leave the small model's scores nearly independent of the image."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / module.in_features**0.5)
+
+
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -285,6 +295,9 @@ def reference_imagereward(work: Path, stage: str) -> None:
     (work / "med_config.json").write_text(json.dumps(med))
     torch.manual_seed(0)
     model = module.ImageReward(med_config=str(work / "med_config.json")).eval()
+    if stage != "full":
+        model.mlp = module.MLP(SMALL_MED["hidden_size"]).eval()  # ImageReward hard-codes MLP(768)
+        _unit_gain(model.mlp)
     state = model.state_dict()
     _perturb(state)
     torch.save(state, work / "ImageReward.pt")
@@ -342,6 +355,8 @@ def reference_clip(work: Path, stage: str, reward: str) -> None:
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(**config)).eval()
     head = LaionAestheticMLP(config["projection_dim"]).eval()
+    if stage != "full":
+        _unit_gain(head)
     state = model.state_dict()
     _perturb(state)
     _perturb(head.state_dict())
@@ -596,7 +611,8 @@ FED_DIRECTLY = {
     "PIL-based; run separately for the score); tokens from open_clip's SimpleTokenizer on the same merges",
     "imagereward": "reference fed Normalize(x) of ImageReward's _transform into score_gard (the package's "
     "differentiable entry); ImageReward.score (PIL path) run separately; init_tokenizer reads the local vocab.txt; "
-    "package __init__ files stubbed (they import training code); small model: create_vit returns a small ViT",
+    "package __init__ files stubbed (they import training code); small model: create_vit returns a small "
+    "VisionTransformer of the package and the head is the package's MLP at the small text width",
     "aesthetic": "reference fed (x - mean) / std; CLIPImageProcessorPil run separately for the score",
     "pickscore": "reference fed (x - mean) / std; CLIPImageProcessorPil run separately for the score",
 }
