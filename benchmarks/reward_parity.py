@@ -124,9 +124,14 @@ def write_tokenizers(directory: Path) -> None:
     (clip_dir / "merges.txt").write_text(merges)
     with gzip.open(clip_dir / "bpe_simple_vocab.txt.gz", "wt") as file:
         file.write(merges.rstrip("\n"))  # open_clip reads every line after the header, a trailing empty one too
-    processor = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": IMAGE_SIZE},
-                 "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 3,
-                 "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": IMAGE_SIZE},
+        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
     (clip_dir / "preprocessor_config.json").write_text(json.dumps(processor))
     (bert_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDPIECES]) + "\n")
     # full-size vocabularies (CLIP's 49408 tokens: bytes, bytes + </w>, 48894 merges of byte pairs, 2 specials;
@@ -336,12 +341,22 @@ def _small_clip_config(published: dict, vocab: int) -> dict:
     config = json.loads(json.dumps(published))
     for tower in ("text", "vision"):
         width, intermediate = SMALL_CLIP_WIDTHS[tower]
-        heads = width // (published[f"{tower}_config"]["hidden_size"] // published[f"{tower}_config"]["num_attention_heads"])
-        config[f"{tower}_config"] |= SMALL_TOWER | {"hidden_size": width, "intermediate_size": intermediate,
-                                                     "num_attention_heads": heads,
-                                                     "projection_dim": SMALL_CLIP_WIDTHS["projection"]}
+        heads = width // (
+            published[f"{tower}_config"]["hidden_size"] // published[f"{tower}_config"]["num_attention_heads"]
+        )
+        config[f"{tower}_config"] |= SMALL_TOWER | {
+            "hidden_size": width,
+            "intermediate_size": intermediate,
+            "num_attention_heads": heads,
+            "projection_dim": SMALL_CLIP_WIDTHS["projection"],
+        }
     config["projection_dim"] = SMALL_CLIP_WIDTHS["projection"]
-    config["text_config"] |= {"vocab_size": vocab, "bos_token_id": vocab - 2, "eos_token_id": vocab - 1, "pad_token_id": 0}
+    config["text_config"] |= {
+        "vocab_size": vocab,
+        "bos_token_id": vocab - 2,
+        "eos_token_id": vocab - 1,
+        "pad_token_id": 0,
+    }
     return config
 
 
@@ -550,7 +565,9 @@ def parity(reward: str, envs: Path, scratch: Path | None) -> dict:
             for file in (work / "clip").iterdir():
                 file.unlink()
         # 2. numbers on the small model
-        images = torch.randint(0, 256, (len(PROMPTS), 3, IMAGE_SIZE, IMAGE_SIZE), generator=torch.Generator().manual_seed(0))
+        images = torch.randint(
+            0, 256, (len(PROMPTS), 3, IMAGE_SIZE, IMAGE_SIZE), generator=torch.Generator().manual_seed(0)
+        )
         torch.save({"images": images.float() / 255, "prompts": PROMPTS}, work / "inputs.pt")
         run_reference(reward, work, "small", envs)
         reference = torch.load(work / "reference.pt", weights_only=False)
@@ -564,7 +581,9 @@ def parity(reward: str, envs: Path, scratch: Path | None) -> dict:
         tokens_ours = our_tokens(reward, ours)
     unused = set(reference["unused"])
     score_error = ((scores.detach() - ref_scores).abs() / ref_scores.abs()).max().item()
-    own_error = ((scores.detach() - reference["scores_own_preprocessing"].float()).abs() / ref_scores.abs()).max().item()
+    own_error = (
+        ((scores.detach() - reference["scores_own_preprocessing"].float()).abs() / ref_scores.abs()).max().item()
+    )
     grad_error = ((x.grad - ref_grad).abs().max() / ref_grad.abs().max()).item()
     cosine = torch.nn.functional.cosine_similarity(x.grad.double().flatten(), ref_grad.double().flatten(), dim=0).item()
     record |= {
@@ -579,8 +598,11 @@ def parity(reward: str, envs: Path, scratch: Path | None) -> dict:
             <= {_layer_pattern(k) for k in unused},
         },
         "small_model": {
-            "reference_keys": small["reference_keys"], "consumed": small["consumed"], "missing": small["missing"],
-            "left_over": len(small["left_over"]), "left_over_by_prefix": _prefix_counts(small["left_over"]),
+            "reference_keys": small["reference_keys"],
+            "consumed": small["consumed"],
+            "missing": small["missing"],
+            "left_over": len(small["left_over"]),
+            "left_over_by_prefix": _prefix_counts(small["left_over"]),
             "left_over_unused_by_reference_score": set(small["left_over"]) <= unused,
             "parameters": small["reference_parameters"],
         },
@@ -629,9 +651,11 @@ def setup(envs: Path) -> None:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| reward | reference | full-size keys consumed / missing / left over | params consumed | "
-             "max rel. score error | max rel. grad error | grad cosine | tokens equal |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    header = (
+        "| reward | reference | full-size keys consumed / missing / left over | params consumed | "
+        "max rel. score error | max rel. grad error | grad cosine | tokens equal |"
+    )
+    lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         f = r["full_size"]
         versions = ", ".join(f"{k} {v}" for k, v in r["reference_versions"].items())
