@@ -496,16 +496,20 @@ def time_to_reward(report: Path, level: float) -> dict:
     for spec in discover_runs(report):
         result = read_run(spec)
         reached = next((e for e in result.evaluations if e.get("eval/log_reward_mean", -float("inf")) >= level), None)
-        row = rows.setdefault(spec.method, {"runs": 0, "reached": 0, "seconds": [], "updates": [], "state": []})
+        row = rows.setdefault(spec.method, {"runs": 0, "reached": 0, "seconds": [], "updates": [], "state": [],
+                                            "fd_to_class": []})
         row["runs"] += 1
         row["state"].append(result.state)
         if reached is not None:
             row["reached"] += 1
-            row["seconds"].append(reached["time"])
+            row["seconds"].append(reached.get("update_time", reached["time"]))  # evaluations not counted
             row["updates"].append(reached["update"])
+            if "eval/fd_to_class" in reached:  # digits: how close to the real class the run is there
+                row["fd_to_class"].append(reached["eval/fd_to_class"])
     for row in rows.values():
         row["median_s"] = median(row["seconds"]) if row["seconds"] else None
         row["median_updates"] = median(row["updates"]) if row["updates"] else None
+        row["median_fd_to_class"] = median(row["fd_to_class"]) if row["fd_to_class"] else None
     return {"report": str(report), "level": level, "rows": rows}
 
 
@@ -576,16 +580,19 @@ def markdown(results: dict) -> str:
     if "time_to_reward" in results:
         t = results["time_to_reward"]
         lines += [f"## Time to reward: first evaluation with mean log-reward ≥ {t['level']} (`{t['report']}`)", "",
-                  "Training wall time of the run at that evaluation (it includes the earlier evaluations), median over "
-                  "the runs that reached the level; a level is only seen at the runs' evaluations "
-                  "(`train.eval_every`).",
-                  "", "| method | reached / runs | runs' states | median training wall time (s) | median updates |",
-                  "| --- | --- | --- | --- | --- |"]
+                  "Seconds the run spent in its updates (sampling and gradient steps; evaluations and checkpoints "
+                  "not counted, as the runs' `update_time` logs them; older runs: the training wall time, which "
+                  "includes the earlier evaluations) up to that evaluation, median over the runs that reached the "
+                  "level; a level is only seen at the runs' evaluations (`train.eval_every`).",
+                  "", "| method | reached / runs | runs' states | median seconds | median updates "
+                  "| median FD to the real class there |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for name, row in t["rows"].items():
             seconds = f"{row['median_s']:.0f}" if row["median_s"] is not None else "not reached"
             updates = f"{row['median_updates']:.0f}" if row["median_updates"] is not None else "—"
+            fd = f"{row['median_fd_to_class']:.1f}" if row.get("median_fd_to_class") is not None else "—"
             states = ", ".join(f"{row['state'].count(s)} {s}" for s in dict.fromkeys(row["state"]))
-            lines.append(f"| {name} | {row['reached']} / {row['runs']} | {states} | {seconds} | {updates} |")
+            lines.append(f"| {name} | {row['reached']} / {row['runs']} | {states} | {seconds} | {updates} | {fd} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,8 @@ def test_table_is_mean_and_std_of_best_reward_evaluations(report):
     run = next(r for r in summary["runs"] if r["method"] == "ddpo" and r["seed"] == 0)
     assert [e["update"] for e in run["evaluations"]] == [0, 1, 2]
     assert run["evaluations"][1]["time"] == pytest.approx(run["evaluations"][2]["time"] / 2)
+    # and in the time spent in updates alone, which leaves out the evaluations at updates 0 and 1
+    assert 0 < run["evaluations"][2]["update_time"] < run["evaluations"][2]["time"]
     # the mixture logs neither diversity nor FID: the report says so instead of showing a number
     assert summary["missing_metrics"][:2] == ["eval/diversity", "eval/fid_to_pretrained"]
     assert "**Missing:** no run's evaluations hold `eval/diversity`, `eval/fid_to_pretrained`" in (
@@ -218,3 +221,19 @@ def test_digits_settings_are_valid_for_every_method(tmp_path):
     assert specs["dag_db"].train.policy_optimizer.lr == 3e-4 and specs["dag_db"].train.flow_optimizer.lr == 3e-3
     assert specs["draft"].train.policy_optimizer.lr == specs["draft_lv"].train.policy_optimizer.lr == 3e-4
     assert specs["residual_db"].method.beta_ramp == 0 and specs["adjoint_matching"].train.on_policy
+
+
+def test_time_to_reward_counts_the_seconds_in_updates_not_the_evaluations(report):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import method_costs
+
+    from nablagfn.compare import discover_runs, read_run
+
+    results = [read_run(spec) for spec in discover_runs(report)]
+    best = max(results, key=lambda r: r.evaluations[-1]["eval/log_reward_mean"])
+    level = best.evaluations[-1]["eval/log_reward_mean"]  # reached at the last update, after two evaluations
+    first = next(e for e in best.evaluations if e["eval/log_reward_mean"] >= level)
+    row = method_costs.time_to_reward(report, level)["rows"][best.method]
+    assert first["update"] in row["updates"] and first["update_time"] in row["seconds"]
+    if first["update"] > 0:
+        assert first["update_time"] < first["time"]

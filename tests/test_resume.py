@@ -162,5 +162,7 @@ def test_wall_time_accumulates_across_resume_and_final_metrics_are_not_recompute
     final = resumed.train(resume=True)
     times = [r["time"] for r in training_records(tmp_path)]
     assert times == sorted(times) and times[-1] > first > 0
+    update_times = [r["update_time"] for r in training_records(tmp_path)]  # updates alone, also accumulated
+    assert update_times == sorted(update_times) and all(0 < u < t for u, t in zip(update_times, times))
     last_eval = [r for r in records(tmp_path) if "eval/log_reward_mean" in r][-1]
     assert final["log_reward_mean"] == last_eval["eval/log_reward_mean"]

@@ -66,7 +66,8 @@ class RunResult:
     run_dir: Path
     updates: int  # planned (train.updates)
     state: str  # finished / partial / diverged / new (see run_state)
-    evaluations: list[dict[str, float]]  # update, time (s) and the eval/... metrics, in update order
+    #: update, time (s), update_time (s in updates alone, where logged) and the eval/... metrics, in update order
+    evaluations: list[dict[str, float]]
     wall_time: float | None  # training wall time of the last logged update (the trainer's `time`)
     last_update: int  # last update with a training record
     note: str = ""
@@ -101,12 +102,16 @@ def read_run(spec: RunSpec) -> RunResult:
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
     times = sorted({(0, 0.0), *((r["update"], r["time"]) for r in records if "time" in r)})
+    update_times = sorted({(0, 0.0), *((r["update"], r["update_time"]) for r in records if "update_time" in r)})
     evaluations = []
     for record in records:
         if not any(key.startswith("eval/") for key in record):
             continue
         evaluation = {key: value for key, value in record.items() if key.startswith("eval/")}
-        evaluations.append({"update": record["update"], "time": _interpolate(times, record["update"]), **evaluation})
+        placed = {"update": record["update"], "time": _interpolate(times, record["update"])}
+        if len(update_times) > 1:
+            placed["update_time"] = _interpolate(update_times, record["update"])
+        evaluations.append({**placed, **evaluation})
     evaluations.sort(key=lambda e: e["update"])
     state = run_state(spec.run_dir, spec.config.train.updates)
     note = ""

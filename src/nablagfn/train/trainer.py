@@ -174,6 +174,8 @@ class Trainer:
         self.epoch_position = 0  # trajectories of each shard's epoch order used so far
         self.nonfinite_in_a_row = 0
         self.elapsed = 0.0  # training wall time in seconds, across resumes
+        #: seconds spent in ``update()`` (sampling and gradient steps; no evaluations or checkpoints), across resumes
+        self.update_time = 0.0
         self._pending_sample_metrics: dict[str, float] = {}  # reward of the latest sampled epoch, for the log
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.trackers = Trackers(self.config, self.run_dir) if self.processes.is_main else None
@@ -266,7 +268,7 @@ class Trainer:
         state = {
             "update": self.step, "epoch": self.epoch, "epoch_position": self.epoch_position,
             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_metrics": self._pending_sample_metrics,
-            "elapsed": self.elapsed,
+            "elapsed": self.elapsed, "update_time": self.update_time,
             "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.lr_schedulers.items()},
             "written_by": {"method": self.config.method.name, "model": self.config.model.kind,
                            "config": history_config(self.config)},
@@ -308,6 +310,7 @@ class Trainer:
             self.step, self.epoch = state["update"], state["epoch"]
             self.epoch_position, self.nonfinite_in_a_row = state["epoch_position"], state["nonfinite_in_a_row"]
             self._pending_sample_metrics, self.elapsed = state["sample_metrics"], state["elapsed"]
+            self.update_time = state.get("update_time", self.elapsed)  # older checkpoints: the wall time
             for name, scheduler_state in state.get("lr_schedulers", {}).items():  # older checkpoints: none
                 self.lr_schedulers[name].load_state_dict(scheduler_state)
         except KeyError as missing:
@@ -536,11 +539,14 @@ class Trainer:
         started = time.perf_counter() - self.elapsed  # wall time accumulates across resumes
         evaluation, evaluated = None, False
         while self.step < train.updates:
+            update_started = time.perf_counter()
             metrics = self.update()
+            self.update_time += time.perf_counter() - update_started
             bar.update(1)
             self.elapsed = time.perf_counter() - started
             if self.step % train.log_every == 0 or self.step == train.updates:
                 record = {"update": self.step, "epoch": self.epoch, "time": self.elapsed,
+                          "update_time": self.update_time,
                           "lr/policy": self.last_lr, **metrics,
                           **self._pending_sample_metrics}
                 self._log(record)
