@@ -240,6 +240,24 @@ TRAIN = (
 )
 
 
+def test_reward_gradient_in_chunks_equals_the_whole_batch(pipeline_dir):
+    """The look-ahead ∇ log R(x̂(x)) decodes model.reward_grad_batch_size images at a time: the same gradient."""
+    gradients = []
+    for size in (1, 2, 8):
+        run = Run.build(load_config(None, overrides(pipeline_dir, "method.name=residual_nabla_db",
+                                                    f"model.reward_grad_batch_size={size}")))
+        decoded, decode = [], run.backend.decode
+        run.backend.decode = lambda clean: decoded.append(len(clean)) or decode(clean)
+        x = latents(5)
+        state_index = torch.tensor([0, 1, 2, 3, 3])  # the last two are final states: their own clean state
+        cond = torch.zeros(5, dtype=torch.long)
+        gradients.append(run.method.predicted_log_reward_grad(x, state_index, cond, torch.Generator().manual_seed(0)))
+        assert decoded == [min(size, 5 - start) for start in range(0, 5, size)]
+    assert gradients[0].abs().max() > 0
+    for gradient in gradients[1:]:
+        torch.testing.assert_close(gradient, gradients[0], rtol=1e-5, atol=1e-7)
+
+
 def test_training_step_changes_adapter_and_flow_only_and_reloads(pipeline_dir, tmp_path):
     config = load_config(None, overrides(pipeline_dir, *TRAIN))
     trainer = Trainer.from_config(config, tmp_path / "run", progress=False)

@@ -25,6 +25,9 @@ class Backend(nn.Module, ABC):
     prompts: list[str] = []
     #: most trajectories sampled (or samples decoded and rewarded) in one batch
     sample_batch_size: int = 4096
+    #: most clean states decoded and rewarded at once with their gradient (the look-ahead ∇ log R of the ∇-DB
+    #: methods); the decoder's activations kept for the backward pass scale with it
+    reward_grad_batch_size: int = 4096
     #: the model config this backend was built from (``build_backend``), which rebuilds it; None: made in Python
     config = None
 

@@ -57,6 +57,10 @@ class StableDiffusionModelConfig(StrictConfig):
         False, description="recompute UNet, VAE and flow-network activations in backward (less memory, slower)"
     )
     sample_batch_size: int = Field(8, ge=1, description="trajectories per sampling batch and images per decode")
+    reward_grad_batch_size: int = Field(
+        1, ge=1, description="images decoded and rewarded at once with their gradient (the ∇-DB methods' look-ahead "
+        "∇ log R); the VAE decoder's activations for backward scale with it, ≈ 1 GB per 512×512 image in bf16"
+    )
 
     @model_validator(mode="after")
     def _flow_widths(self) -> "StableDiffusionModelConfig":
@@ -184,6 +188,7 @@ class StableDiffusionBackend(Backend):
         flow_channels: tuple[int, ...] = (64, 128, 256, 256),
         gradient_checkpointing: bool = False,
         sample_batch_size: int = 8,
+        reward_grad_batch_size: int = 1,
     ):
         super().__init__()
         from peft import LoraConfig
@@ -218,6 +223,7 @@ class StableDiffusionBackend(Backend):
         self.flow_channels = tuple(flow_channels)
         self.gradient_checkpointing = gradient_checkpointing
         self.sample_batch_size = sample_batch_size
+        self.reward_grad_batch_size = reward_grad_batch_size
         size = unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (unet.config.in_channels, height, width)
@@ -300,6 +306,7 @@ class StableDiffusionBackend(Backend):
             flow_channels=tuple(config.flow_channels),
             gradient_checkpointing=config.gradient_checkpointing,
             sample_batch_size=config.sample_batch_size,
+            reward_grad_batch_size=config.reward_grad_batch_size,
         )
 
     def describe(self):

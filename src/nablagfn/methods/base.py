@@ -185,6 +185,21 @@ class Method:
                 predicted = backend.predict_clean(x_in, timestep, eps)
                 mask = per_sample(is_final, x)
                 clean = torch.where(mask, x_in, predicted)
-            log_reward = self.smoothed_log_reward(clean, cond, generator)
-            (grad,) = torch.autograd.grad(log_reward.sum(), x_in)
+            clean_grad = self.log_reward_grad(clean, cond, generator)
+            if clean is x_in:
+                return clean_grad
+            (grad,) = torch.autograd.grad(clean, x_in, grad_outputs=clean_grad)
         return grad.detach()
+
+    def log_reward_grad(self, clean: Tensor, cond: Tensor, generator: torch.Generator) -> Tensor:
+        """∇ of the smoothed log R(decode(clean)) w.r.t. each clean state (detached), decoding
+        ``backend.reward_grad_batch_size`` states at a time: each sample's log R depends on its own state only, so
+        the chunks' gradients are the whole batch's, and only one chunk's decoder activations are alive at once."""
+        size = self.backend.reward_grad_batch_size
+        grads = []
+        for part, part_cond in zip(clean.detach().split(size), cond.split(size)):
+            with torch.enable_grad():
+                leaf = part.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(self.smoothed_log_reward(leaf, part_cond, generator).sum(), leaf)
+            grads.append(grad)
+        return torch.cat(grads)
