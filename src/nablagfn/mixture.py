@@ -1,4 +1,5 @@
-"""Isotropic Gaussian mixtures in closed form: log-density, score and samples of the mixture noised to any ᾱ.
+"""Isotropic Gaussian mixtures in closed form: log-density, score and samples of the mixture noised to any ᾱ, and the
+density and exact velocity of its flow-matching interpolant (1 − σ) x₀ + σ ε.
 
 Shared by the Gaussian-mixture model (``backends/gmm.py``), the exact rewards and targets (``rewards/vector.py``) and
 the ground-truth metrics (``eval/gmm.py``); it depends on torch alone.
@@ -60,6 +61,42 @@ class GaussianMixture:
         responsibilities = torch.softmax(self._component_log_probs(x64, means, variances), dim=1)
         component_scores = -(x64[:, None, :] - means) / variances[..., None]
         return (responsibilities[..., None] * component_scores).sum(1).to(x.dtype)
+
+    # -- the flow-matching (linear-interpolant) noising x_σ = (1 − σ) x₀ + σ ε ---------------------------------------
+    @staticmethod
+    def _per_sample_sigma(sigma: Tensor | float, num: int) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return sigma.expand(num) if sigma.dim() == 0 else sigma.to(torch.float64)
+
+    def noised_flow(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """Means (B, M, d) and variances (B, M) of the components of x_σ = (1 − σ) x₀ + σ ε for per-sample σ (B,):
+        x_σ | k ~ N((1 − σ) m_k, ((1 − σ)² s_k² + σ²) I)."""
+        sigma = sigma.to(torch.float64)
+        means = (1 - sigma)[:, None, None] * self.means[None]
+        variances = (1 - sigma[:, None]) ** 2 * self.stds[None] ** 2 + sigma[:, None] ** 2
+        return means, variances
+
+    def log_prob_flow(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        """log p_σ(x) of the linear interpolant x_σ = (1 − σ) x₀ + σ ε (σ a float or per-sample (B,))."""
+        x64 = x.to(torch.float64)
+        means, variances = self.noised_flow(self._per_sample_sigma(sigma, x.shape[0]))
+        return torch.logsumexp(self._component_log_probs(x64, means, variances), dim=1).to(x.dtype)
+
+    def velocity(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        """The exact flow-matching velocity E[ε − x₀ | x_σ = x] (σ a float or per-sample (B,)), in float64 inside.
+
+        Per component k, with V_k = (1 − σ)² s_k² + σ² and r = x − (1 − σ) m_k:
+        E[x₀ | x, k] = m_k + (1 − σ) s_k² r / V_k and E[ε | x, k] = σ r / V_k; these are averaged with the posterior
+        responsibilities of the components at x.
+        """
+        x64 = x.to(torch.float64)
+        sigma = self._per_sample_sigma(sigma, x.shape[0])
+        means, variances = self.noised_flow(sigma)
+        responsibilities = torch.softmax(self._component_log_probs(x64, means, variances), dim=1)  # (B, M)
+        scaled_residual = (x64[:, None, :] - means) / variances[..., None]  # (B, M, d)
+        eps_mean = sigma[:, None, None] * scaled_residual
+        data_mean = self.means[None] + ((1 - sigma[:, None]) * self.stds[None] ** 2)[..., None] * scaled_residual
+        return (responsibilities[..., None] * (eps_mean - data_mean)).sum(1).to(x.dtype)
 
     def sample(self, num: int, generator: torch.Generator) -> Tensor:
         components = torch.multinomial(self.weights, num, replacement=True, generator=generator)

@@ -6,6 +6,7 @@ step i goes from state i to state i + 1. Diffusion timesteps t decrease along it
 
 from .ddim import DDIMKernel
 from .dpm_solver import SDEDPMSolverKernel
+from .flow import FlowCPSKernel, FlowMatchKernel, FlowNoisingKernel, FlowSDEKernel
 from .gaussian import GaussianKernel
 from .rollout import Trajectories, rollout
 from .schedules import NoiseSchedule
@@ -22,6 +23,10 @@ def make_kernel(kind: str, schedule: NoiseSchedule, steps: int, eta: float = 1.0
 
 __all__ = [
     "DDIMKernel",
+    "FlowCPSKernel",
+    "FlowMatchKernel",
+    "FlowNoisingKernel",
+    "FlowSDEKernel",
     "GaussianKernel",
     "NoiseSchedule",
     "SDEDPMSolverKernel",

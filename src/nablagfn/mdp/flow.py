@@ -1,0 +1,213 @@
+"""Flow-matching samplers as Gaussian MDP kernels: Flow-GRPO's SDE, its "CPS" variant, and the flow noising kernel.
+
+Notation (as in diffusers' ``FlowMatchEulerDiscreteScheduler``; σ here is the flow time, *not* a kernel std):
+
+==================  ===========================================================================================
+x₀                  data (σ = 0)
+ε                   Gaussian noise N(0, I) (σ = 1)
+x_σ                 the linear interpolant (1 − σ) x₀ + σ ε
+v(x, σ)             the model output: the velocity, trained towards ε − x₀ (exact: E[ε − x₀ | x_σ = x])
+σ_k                 ``state_sigmas[k]``, k = 0 … K: diffusers' sigmas, 1 = σ_0 > σ_1 > … > σ_{K-1} > σ_K = 0
+t_k                 ``state_timesteps[k]``: what the model takes, diffusers' timesteps σ_k · num_train_timesteps
+                    (float), with t_K = 0 appended
+dt                  σ_{k+1} − σ_k < 0 (step k goes from state k to state k + 1, i.e. from noise towards data)
+a                   ``noise_level`` (Flow-GRPO's default 0.7)
+==================  ===========================================================================================
+
+The grid (sigmas and timesteps, including the ``shift`` σ ↦ shift·σ/(1 + (shift − 1)·σ); SD3 uses 3) is taken from
+diffusers' scheduler after ``set_timesteps(num_steps)``, not re-derived.
+
+**Flow-SDE** (Flow-GRPO; same marginals as the probability-flow ODE dx = v dσ, first-order Euler–Maruyama)::
+
+    g    = a · √(σ / (1 − σ'))       σ' = σ, except σ' = σ_1 (the next grid value) where σ = 1
+    μ    = x · (1 + g² dt / (2σ)) + v · (1 + g² (1 − σ) / (2σ)) · dt
+    x'   = μ + g · √(−dt) · z
+
+(the drift is v − (g²/2)·∇log p_σ with the score written through the velocity, ∇log p_σ(x) = −(x + (1 − σ) v)/σ).
+With a = 0 it is the Euler ODE step x' = x + v dt; its steps are then deterministic (sampling only, no log-probs).
+
+**Flow-CPS** (coefficients-preserving sampling, Flow-GRPO's later variant; a DDIM-like step)::
+
+    s    = σ_next · sin(aπ/2)
+    x̂₀   = x − σ v,      x̂₁ = x + (1 − σ) v
+    μ    = (1 − σ_next) · x̂₀ + √(σ_next² − s²) · x̂₁
+    x'   = μ + s · z
+
+Both are linear in x and v, so each is a table of per-step coefficients μ = a_k·x + b_k·v and std σ_k of
+:class:`GaussianKernel`, whose means, log-probs, scores and vector–Jacobian products apply unchanged. **For these
+kernels the model-output slot (``eps`` in :class:`GaussianKernel`'s method signatures, ``eps_coef``) holds the
+velocity v, not ε.**
+
+The last Flow-SDE step (σ_{K-1} → 0) keeps a tiny but non-zero std g·√σ_{K-1} (g uses the *current* σ), like the
+package's ε-samplers. The last Flow-CPS step has s = σ_K · sin(aπ/2) = 0: it is deterministic (μ = x̂₀) and has no
+finite log-probability; :meth:`FlowMatchKernel.log_prob` raises on steps with zero std instead of returning NaN/∞.
+
+**Flow noising kernel** P_B(x_k | x_{k+1}) (:class:`FlowNoisingKernel`), the forward process run from σ_{k+1} back to
+σ_k with the interpolant's marginals::
+
+    c_k  = (1 − σ_k) / (1 − σ_{k+1})
+    x_k  = c_k · x_{k+1} + √(σ_k² − c_k² σ_{k+1}²) · z
+         (variance computed as (σ_k − σ_{k+1})(σ_k + σ_{k+1} − 2σ_kσ_{k+1}) / (1 − σ_{k+1})², the same number)
+
+Not wired into configs/backends yet: the backends are ε-parameterised and index ᾱ by (integer) timestep.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .gaussian import GaussianKernel
+from .shapes import per_sample
+
+
+class FlowMatchKernel(GaussianKernel):
+    """The grid of a flow-matching sampler: diffusers' ``FlowMatchEulerDiscreteScheduler`` sigmas and timesteps.
+
+    Subclasses fill the per-step tables ``x_coef`` (a), ``eps_coef`` (b, the coefficient of the *velocity*) and
+    ``std`` from ``state_sigmas``.
+    """
+
+    state_sigmas: Tensor  # float64, (K + 1,), state_sigmas[0] = 1, state_sigmas[-1] = 0
+    state_timesteps: Tensor  # float32, (K + 1,), diffusers' timesteps (σ · num_train_timesteps) and a final 0
+
+    def __init__(self, num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if num_steps < 1:
+            raise ValueError(f"sampler.steps must be ≥ 1, got {num_steps}")
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+        scheduler.set_timesteps(num_steps)
+        sigmas = scheduler.sigmas.to(torch.float64)
+        if sigmas.shape != (num_steps + 1,) or float(sigmas[-1]) != 0.0 or not bool((sigmas.diff() < 0).all()):
+            raise ValueError(f"unexpected sigma grid from diffusers for {num_steps} steps: {sigmas.tolist()}")
+        self.shift = float(shift)
+        self.num_train_timesteps = num_train_timesteps
+        self.state_sigmas = sigmas
+        self.state_timesteps = torch.cat([scheduler.timesteps, torch.zeros(1, dtype=scheduler.timesteps.dtype)])
+
+    @property
+    def sigma(self) -> Tensor:
+        """σ at the start of each step, (K,)."""
+        return self.state_sigmas[:-1]
+
+    @property
+    def sigma_next(self) -> Tensor:
+        """σ at the end of each step, (K,)."""
+        return self.state_sigmas[1:]
+
+    def sigma_of_state(self, state_index: Tensor) -> Tensor:
+        """σ of state k (float64; k = 0 is noise at σ = 1, k = K the sample at σ = 0)."""
+        return self.state_sigmas.to(state_index.device)[state_index]
+
+    # -- deterministic steps have no density ------------------------------------------------------------------
+    def _check_finite_std(self, step: Tensor) -> None:
+        if bool((self.std == 0).any()) and bool((self.std.to(step.device)[step] == 0).any()):
+            raise ValueError(
+                f"{self.name}: some of these steps are deterministic (std 0), so they have no log-probability"
+            )
+
+    def log_prob(self, x_next: Tensor, mean: Tensor, step: Tensor) -> Tensor:
+        self._check_finite_std(step)
+        return super().log_prob(x_next, mean, step)
+
+    def forward_score(self, x_next: Tensor, mean: Tensor, step: Tensor) -> Tensor:
+        self._check_finite_std(step)
+        return super().forward_score(x_next, mean, step)
+
+
+class FlowSDEKernel(FlowMatchKernel):
+    """Flow-GRPO's SDE step (see the module docstring); ``noise_level`` a ≥ 0, a = 0 is the Euler ODE (sampling only).
+
+    ``diffusion`` holds g per step (Flow-GRPO's ``std_dev_t``); ``std`` = g·√(−dt) is the step's Gaussian std.
+    """
+
+    name = "flow_sde"
+
+    def __init__(
+        self, num_steps: int = 10, noise_level: float = 0.7, shift: float = 1.0, num_train_timesteps: int = 1000
+    ):
+        if not noise_level >= 0:
+            raise ValueError(f"noise_level must be ≥ 0, got {noise_level}")
+        super().__init__(num_steps, shift, num_train_timesteps)
+        self.noise_level = float(noise_level)
+        sigma, sigma_next = self.sigma, self.sigma_next
+        dt = sigma_next - sigma
+        sigma_denominator = torch.where(sigma == 1, self.state_sigmas[1], sigma)
+        diffusion = noise_level * (sigma / (1 - sigma_denominator)).sqrt()
+        self.diffusion = diffusion
+        self.x_coef = 1 + diffusion**2 * dt / (2 * sigma)
+        self.eps_coef = (1 + diffusion**2 * (1 - sigma) / (2 * sigma)) * dt
+        self.std = diffusion * (-dt).sqrt()
+
+
+class FlowCPSKernel(FlowMatchKernel):
+    """Coefficients-preserving sampling (see the module docstring); ``noise_level`` a ∈ [0, 1].
+
+    The last step (σ_next = 0) is deterministic, so it has no log-probability.
+    """
+
+    name = "flow_cps"
+
+    def __init__(
+        self, num_steps: int = 10, noise_level: float = 0.7, shift: float = 1.0, num_train_timesteps: int = 1000
+    ):
+        if not 0 <= noise_level <= 1:
+            raise ValueError(f"noise_level must be in [0, 1], got {noise_level}")
+        super().__init__(num_steps, shift, num_train_timesteps)
+        self.noise_level = float(noise_level)
+        sigma, sigma_next = self.sigma, self.sigma_next
+        std = sigma_next * math.sin(noise_level * math.pi / 2)
+        noise_coef = (sigma_next**2 - std**2).clamp(min=0).sqrt()  # coefficient of x̂₁
+        # μ = (1 − σ_n)(x − σ v) + c (x + (1 − σ) v)
+        self.x_coef = (1 - sigma_next) + noise_coef
+        self.eps_coef = -sigma * (1 - sigma_next) + noise_coef * (1 - sigma)
+        self.std = std
+
+
+class FlowNoisingKernel:
+    """P_B(x_k | x_{k+1}) = N(c_k x_{k+1}, s_k² I) over ``kernel``'s grid; ``step`` k means the transition x_k → x_{k+1}.
+
+    The flow counterpart of :class:`~nablagfn.mdp.noising.NoisingKernel` (same ``log_density`` / ``scores``); there
+    is no single ratio r with c = √r and s² = 1 − r here, so the two coefficients come separately.
+    """
+
+    def __init__(self, kernel: FlowMatchKernel):
+        self.kernel = kernel
+        sigma, sigma_next = kernel.sigma, kernel.sigma_next  # σ_k, σ_{k+1}
+        self._coef = (1 - sigma) / (1 - sigma_next)
+        self._variance = (sigma - sigma_next) * (sigma + sigma_next - 2 * sigma * sigma_next) / (1 - sigma_next) ** 2
+
+    def coef(self, step: Tensor) -> Tensor:
+        """c_k = (1 − σ_k)/(1 − σ_{k+1}) per sample, float64 (shape of ``step``)."""
+        return self._coef.to(step.device)[step]
+
+    def variance(self, step: Tensor) -> Tensor:
+        """s_k² = σ_k² − c_k² σ_{k+1}² per sample, float64 (shape of ``step``)."""
+        return self._variance.to(step.device)[step]
+
+    def coef_like(self, step: Tensor, like: Tensor) -> Tensor:
+        return per_sample(self.coef(step).to(like.dtype), like)
+
+    def variance_like(self, step: Tensor, like: Tensor) -> Tensor:
+        return per_sample(self.variance(step).to(like.dtype), like)
+
+    def sample(self, x_next: Tensor, step: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw x_k ~ P_B(· | x_{k+1})."""
+        noise = torch.randn(x_next.shape, generator=generator, dtype=x_next.dtype).to(x_next.device)
+        return self.coef_like(step, x_next) * x_next + self.variance_like(step, x_next).sqrt() * noise
+
+    def log_density(self, x: Tensor, x_next: Tensor, step: Tensor) -> Tensor:
+        """log P_B(x_k | x_{k+1}) summed over non-batch dimensions, without the normalising constant → (B,)."""
+        coef, variance = self.coef_like(step, x), self.variance_like(step, x)
+        return (-0.5 * (x - coef * x_next) ** 2 / variance).flatten(1).sum(1)
+
+    def scores(self, x: Tensor, x_next: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+        """(∇_{x_{k+1}}, ∇_{x_k}) of log P_B(x_k | x_{k+1})."""
+        coef, variance = self.coef_like(step, x), self.variance_like(step, x)
+        scaled_residual = (x - coef * x_next) / variance
+        return coef * scaled_residual, -scaled_residual
