@@ -217,7 +217,7 @@ def test_stable_diffusion_presets_per_model_and_reward():
     config = load_config(None, sd)
     assert config.reward.kind == "aesthetic" and (config.method.beta, config.method.output_reg) == (1e4, 1e3)
     train = config.train
-    assert (train.trajectories_per_epoch, train.batch_size, train.accumulation, train.eval_samples) == (64, 4, 8, 64)
+    assert (train.trajectories_per_epoch, train.batch_size, train.accumulation, train.eval_samples) == (64, 2, 16, 64)
     assert config.model.dtype == "fp32" and "dtype: fp32" in dump_config(config)
     hps = load_config(None, [*sd, "reward.kind=hpsv2"]).method
     assert (hps.beta, hps.output_reg) == (1e4, 1e2)
@@ -226,9 +226,9 @@ def test_stable_diffusion_presets_per_model_and_reward():
     assert (brightness.beta, brightness.output_reg) == (0.5, 0.0)  # no paper setting: the method's defaults
     mine = load_config(None, [*sd, "method.beta=3", "train.eval_samples=8", "model.dtype=bf16"])
     assert (mine.method.beta, mine.train.eval_samples, mine.model.dtype) == (3.0, 8, "bf16")
-    assert load_config(None, [*sd, "method.name=ddpo"]).train.batch_size == 4  # method keys only where they exist
+    assert load_config(None, [*sd, "method.name=ddpo"]).train.batch_size == 2  # method keys only where they exist
 
 
 def test_sizing_the_batches_drops_the_presets_accumulation():
     config = load_config(None, ["model.kind=stable_diffusion", "train.trajectories_per_epoch=4"])
-    assert (config.train.trajectories_per_epoch, config.train.batch_size, config.train.accumulation) == (4, 4, 1)
+    assert (config.train.trajectories_per_epoch, config.train.batch_size, config.train.accumulation) == (4, 2, 1)

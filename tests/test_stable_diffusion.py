@@ -421,6 +421,6 @@ def test_the_stable_diffusion_defaults_run_on_a_cpu(pipeline_dir, tmp_path, caps
     assert main(["train", "--out", str(run_dir), "--no-progress", "model.kind=stable_diffusion",
                  f"model.path={pipeline_dir}", "reward.kind=brightness", "sampler.steps=4", "train.updates=2"]) == 0
     out = capsys.readouterr().out
-    assert "fp32 base weights" in out and "2 updates of 32 trajectories (4 × 8), 64 per epoch" in out
+    assert "fp32 base weights" in out and "2 updates of 32 trajectories (2 × 16), 64 per epoch" in out
     assert "evaluations: 2 × 64 samples" in out
     assert json.loads((run_dir / "eval.json").read_text())["log_reward_mean"] > 0
