@@ -50,6 +50,8 @@ GB = 1e9
 SMALL = 2**16
 METHODS = ["residual_nabla_db"]
 BUDGETS_GB = (24, 40, 80)
+#: left out of a GPU's memory for what the estimate does not count: the CUDA context and the caching allocator's slack
+RESERVE_GB = 1.0
 #: transformers' CLIPConfig of openai/clip-vit-large-patch14 (the aesthetic predictor's tower), sizes only
 CLIP_L14 = dict(
     projection_dim=768,
@@ -242,9 +244,10 @@ def reset_vm_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def largest_batch(rows: list[dict], budget_gb: float) -> int | None:
-    """The largest batch whose peak fits ``budget_gb``, from a line through the measured peaks (memory grows
-    linearly with the batch: activations scale, weights do not); None if batch 1 does not fit."""
+def largest_batch(rows: list[dict], budget_gb: float, reserve_gb: float = RESERVE_GB) -> int | None:
+    """The largest batch whose peak fits ``budget_gb − reserve_gb``, from a line through the measured peaks (memory
+    grows linearly with the batch: activations scale, weights do not); None if batch 1 does not fit."""
+    budget_gb -= reserve_gb
     batches = [r["batch"] for r in rows]
     peaks = [r["update_peak_gb"] for r in rows]
     if len(rows) < 2:
@@ -284,14 +287,14 @@ def markdown(results: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if setting["real"] else "")]
     for cell in results["cells"]:
         sampling = cell["sampling"]
-        for row in cell["rows"]:
+        for row in [{**cell["warm_up"], "batch": "1 (first update)"}, *cell["rows"]]:
             rss = f" {row['vm_hwm_above_start_gb']:.2f} |" if "vm_hwm_above_start_gb" in row else ""
             lines.append(f"| {cell['method']} | {cell['dtype']} | {cell['checkpointing']} | "
                          f"{sampling['trajectories']}, {sampling['peak_gb']:.2f} | {row['batch']} | "
                          f"{row['resident_gb']:.2f} | {row['update_peak_gb']:.2f} |" + rss)
     if not setting["real"] and len(setting["batch_sizes"]) > 1:
-        lines += ["", "Largest training batch (trajectories per update) whose peak fits, by a line through the "
-                  "measured batches:", "",
+        lines += ["", f"Largest training batch (trajectories per backward pass) whose peak fits the GPU's memory less "
+                  f"{RESERVE_GB:.0f} GB (CUDA context, allocator slack), by a line through the measured batches:", "",
                   "| method | base weights | checkpointing | " + " | ".join(f"{b} GB" for b in BUDGETS_GB) + " |",
                   "| --- | --- | --- |" + " --- |" * len(BUDGETS_GB)]
         for cell in results["cells"]:

@@ -1,7 +1,7 @@
 """Stable Diffusion 1.5 at its real size (random weights): seconds per update, residual ∇-DB's overhead over its
 necessary passes and peak memory, against DAG-DB, DDPO and DRaFT-1, through ``method_costs.py``'s measurements.
 
-    python benchmarks/sd_scale.py --device cpu [--latent-size 32] [--out benchmarks/results/sd_scale/cpu.json]
+    python benchmarks/sd_scale.py --device cpu [--latent-size 16] [--out benchmarks/results/sd_scale/cpu.json]
     python benchmarks/sd_scale.py --device cuda --out benchmarks/results/sd_scale/cuda.json
 
 Each method's cost is measured side by side with residual ∇-DB's (``method_costs.py --parts cost``, one pair of
@@ -11,7 +11,8 @@ measured peak memory (fresh process per method). For the memory of the paper's f
 see ``sd_memory.py``.
 
 ``--device cpu`` uses reduced settings so that it runs on this 2-core CPU in about 15 minutes: SD 1.5's
-architecture at ``--latent-size`` (default 32: 256×256 images; 64 is 512×512), fp32, 4 sampler steps, 2
+architecture at ``--latent-size`` (default 16: 128×128 images; 32 takes about 25 minutes; 64 is 512×512), fp32,
+4 sampler steps, 2
 trajectories per epoch and 1 per update. ``--device cuda`` uses the paper's sampler (50 steps) at 64×64 latents,
 bf16 base weights and gradient checkpointing, 8 trajectories per epoch and 2 per update. The architecture is written
 by ``sd15_architecture.py``; the reward is the weight-free brightness (the reward towers' own cost is not in these
@@ -79,7 +80,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--latent-size", type=int, help="latent side (default: 32 on the CPU, 64 on CUDA)")
+    parser.add_argument("--latent-size", type=int, help="latent side (default: 16 on the CPU, 64 on CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=METHODS, help="compared with residual ∇-DB, one pair each")
     parser.add_argument("--parts", nargs="+", default=["cost", "overhead"], choices=["cost", "overhead", "memory"])
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.latent_size is None:
-        args.latent_size = 64 if args.device.startswith("cuda") else 32
+        args.latent_size = 64 if args.device.startswith("cuda") else 16
     with tempfile.TemporaryDirectory() as workdir:
         sys.path.insert(0, str(HERE))
         from sd15_architecture import save_sd15

@@ -38,4 +38,5 @@ def test_estimate_on_fake_tensors_matches_the_real_update(tmp_path):
 
 def test_largest_batch_from_a_line_through_the_peaks():
     rows = [{"batch": 1, "update_peak_gb": 10.0}, {"batch": 4, "update_peak_gb": 16.0}]  # 8 GB + 2 GB per trajectory
-    assert [sd_memory.largest_batch(rows, budget) for budget in (9, 24, 40, 80)] == [None, 8, 16, 36]
+    assert [sd_memory.largest_batch(rows, budget, reserve_gb=0) for budget in (9, 24, 40, 80)] == [None, 8, 16, 36]
+    assert sd_memory.largest_batch(rows, 24, reserve_gb=1) == 7
