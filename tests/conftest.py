@@ -40,3 +40,19 @@ TWO_UPDATES_PER_EPOCH = (
 @pytest.fixture
 def small_run_overrides() -> list[str]:
     return list(SMALL_RUN)
+
+
+def check_noising_kernel(noising, x, x_next, step, coef, variance) -> None:
+    """A noising kernel P_B(x | x_next) = N(coef·x_next, variance·I): its log-density (up to the normalising constant)
+    against torch.distributions, and its scores (∇_{x_next}, ∇_x) against autograd."""
+    from torch.distributions import Independent, Normal
+
+    c, v = coef[:, None, None], variance[:, None, None]
+    exact = Independent(Normal(c * x_next, v.sqrt().expand_as(x)), 2).log_prob(x)
+    constant = -0.5 * x[0].numel() * torch.log(2 * torch.pi * variance)
+    torch.testing.assert_close(noising.log_density(x, x_next, step) + constant, exact)
+    x_in, next_in = x.clone().requires_grad_(), x_next.clone().requires_grad_()
+    grad_here, grad_next = torch.autograd.grad(noising.log_density(x_in, next_in, step).sum(), (x_in, next_in))
+    score_next, score_here = noising.scores(x, x_next, step)
+    torch.testing.assert_close(score_next, grad_next)
+    torch.testing.assert_close(score_here, grad_here)

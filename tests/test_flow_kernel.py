@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import check_noising_kernel
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from nablagfn.eval.gmm import mode_weight_tv
@@ -230,15 +231,7 @@ def test_flow_noising_kernel_density_scores_and_marginals(steps, shift):
 
     g = torch.Generator().manual_seed(5)
     x, x_next = (torch.randn(4, 2, 3, generator=g, dtype=torch.float64) for _ in range(2))
-    c, s2 = coef[:, None, None], noising.variance(step)[:, None, None]
-    exact = Independent(Normal(c * x_next, s2.sqrt().expand_as(x)), 2).log_prob(x)
-    constant = -0.5 * x[0].numel() * torch.log(2 * math.pi * noising.variance(step))
-    torch.testing.assert_close(noising.log_density(x, x_next, step) + constant, exact)
-    x_in, next_in = x.clone().requires_grad_(), x_next.clone().requires_grad_()
-    grad_here, grad_next = torch.autograd.grad(noising.log_density(x_in, next_in, step).sum(), (x_in, next_in))
-    score_next, score_here = noising.scores(x, x_next, step)
-    torch.testing.assert_close(score_next, grad_next)
-    torch.testing.assert_close(score_here, grad_here)
+    check_noising_kernel(noising, x, x_next, step, coef, noising.variance(step))
 
     # P_B carries the interpolant's marginal at σ_{k+1} to the one at σ_k, component by component (so exactly)
     for mixture in MIXTURES.values():

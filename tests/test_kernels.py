@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from conftest import check_noising_kernel
 from torch.distributions import Independent, Normal
 
 from nablagfn.mdp import DDIMKernel, NoiseSchedule, SDEDPMSolverKernel, make_kernel
@@ -327,12 +328,4 @@ def test_noising_kernel_density_and_scores(name):
     abar = sched.alphas_cumprod
     ratio = abar[k.state_timesteps[step]] / abar[k.state_timesteps[step + 1]]
     assert torch.equal(noising.ratio(step), ratio) and (ratio < 1).all()
-    r = ratio[:, None, None]
-    exact = Independent(Normal(r.sqrt() * x_next, (1 - r).sqrt().expand_as(x)), 2).log_prob(x)
-    constant = -0.5 * x[0].numel() * torch.log(2 * torch.pi * (1 - ratio))
-    torch.testing.assert_close(noising.log_density(x, x_next, step) + constant, exact)
-    x_in, next_in = x.clone().requires_grad_(), x_next.clone().requires_grad_()
-    grad_here, grad_next = torch.autograd.grad(noising.log_density(x_in, next_in, step).sum(), (x_in, next_in))
-    score_next, score_here = noising.scores(x, x_next, step)
-    torch.testing.assert_close(score_next, grad_next)
-    torch.testing.assert_close(score_here, grad_here)
+    check_noising_kernel(noising, x, x_next, step, ratio.sqrt(), 1 - ratio)
