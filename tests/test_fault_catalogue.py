@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import SMALL_RUN
 
 from nablagfn.cli import main

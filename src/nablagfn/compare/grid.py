@@ -149,9 +149,8 @@ def train_run(spec: RunSpec, progress: bool = False, position: int | None = None
     (``status``: skipped, trained, resumed, diverged or failed; ``seconds``; ``error``). Never raises for a failing
     run, so the other runs of the grid go on; a diverged run (non-finite losses) is marked so reruns skip it."""
     from ..errors import NonFiniteLossError
-    from ..train.trainer import Trainer
-
     from ..train.rundir import is_locked
+    from ..train.trainer import Trainer
 
     state = run_state(spec.run_dir, spec.config.train.updates)
     outcome: dict[str, Any] = {"name": spec.name, "state": state, "seconds": 0.0}

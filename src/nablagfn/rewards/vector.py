@@ -12,7 +12,6 @@ from ..config_base import StrictConfig
 from ..mixture import GaussianMixture
 from .base import Reward
 
-
 #: the largest magnitude of a vector reward's and a mixture's numbers: beyond it float32 states overflow
 VECTOR_LIMIT = 1e6
 
