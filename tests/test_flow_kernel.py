@@ -12,7 +12,7 @@ from conftest import check_noising_kernel
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from nablagfn.eval.gmm import mode_weight_tv
-from nablagfn.mdp import FlowCPSKernel, FlowNoisingKernel, FlowSDEKernel
+from nablagfn.mdp import FlowCPSKernel, FlowSDEKernel, NoisingKernel
 from nablagfn.mixture import GaussianMixture
 
 _ANGLES = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
@@ -220,7 +220,7 @@ def test_reverse_score_and_mean_vjp_for_a_nonlinear_velocity(kind, steps, noise_
 @pytest.mark.parametrize("steps,shift", [(10, 1.0), (20, 3.0)])
 def test_flow_noising_kernel_density_scores_and_marginals(steps, shift):
     k = kernel("sde", steps, 0.7, shift)
-    noising = FlowNoisingKernel(k)
+    noising = NoisingKernel(k)
     step = torch.tensor([0, 1, steps // 2, steps - 1])
     sigma, sigma_next = k.state_sigmas[step], k.state_sigmas[step + 1]
     coef = (1 - sigma) / (1 - sigma_next)

@@ -9,6 +9,7 @@ import torch
 
 from nablagfn.config import ConfigError
 from nablagfn.config_loading import load_config
+from nablagfn.mdp import EpsilonParameterization, FlowParameterization, NoiseSchedule
 from nablagfn.methods import make_transitions
 from nablagfn.mixture import GaussianMixture
 from nablagfn.rewards.vector import ExactFlowScore, GaussianReward, LinearReward
@@ -37,8 +38,7 @@ def grid_log_flow(reward, beta: float, abar: float, points: torch.Tensor) -> tor
 @pytest.mark.parametrize("abar", [0.9, 0.5, 0.1])
 def test_exact_flow_score_matches_finite_differences_of_the_grid_tilted_marginal(reward, abar):
     beta = 1.5
-    schedule = torch.tensor([abar], dtype=torch.float64)
-    oracle = ExactFlowScore(MIXTURE, reward, beta, schedule)
+    oracle = ExactFlowScore(MIXTURE, reward, beta, eps_parameterization(abar))
     points = torch.tensor([[0.0, 0.0], [-1.2, 0.4], [1.3, 1.1], [0.2, -2.0]], dtype=torch.float64)
     exact = oracle(points, torch.zeros(len(points), dtype=torch.long))
     delta = 1e-3
@@ -51,9 +51,27 @@ def test_exact_flow_score_matches_finite_differences_of_the_grid_tilted_marginal
     torch.testing.assert_close(exact, finite, rtol=1e-4, atol=1e-4)
 
 
+def eps_parameterization(abar: float) -> EpsilonParameterization:
+    """ε-prediction under a one-timestep schedule with ᾱ_0 = ``abar``."""
+    return EpsilonParameterization(NoiseSchedule(torch.tensor([abar], dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("sigma", [0.2, 0.5, 0.9])
+def test_exact_flow_score_of_a_flow_model_is_the_rescaled_diffusion_one(sigma):
+    """x_σ = (1 − σ) x₀ + σ ε is c·x_t of a VP process with c = √((1 − σ)² + σ²), ᾱ = (1 − σ)²/c², so
+    ∇ log F̃ at x under the flow is ∇ log F̃_ᾱ(x/c)/c."""
+    reward, beta = GaussianReward([1.5, 0.5], 1.2), 1.5
+    scale = math.sqrt((1 - sigma) ** 2 + sigma**2)
+    diffusion = ExactFlowScore(MIXTURE, reward, beta, eps_parameterization((1 - sigma) ** 2 / scale**2))
+    flow = ExactFlowScore(MIXTURE, reward, beta, FlowParameterization())
+    points = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = diffusion(points / scale, torch.zeros(8, dtype=torch.long)) / scale
+    torch.testing.assert_close(flow(points, torch.full((8,), sigma * 1000.0)), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_flow_score_vanishes_without_a_tilt_signal_far_from_data():
     """At pure noise (ᾱ → 0) x_t says nothing about x₀, so F̃ is flat: its score tends to 0."""
-    oracle = ExactFlowScore(MIXTURE, LinearReward([0.8, -0.4]), 1.0, torch.tensor([1e-8], dtype=torch.float64))
+    oracle = ExactFlowScore(MIXTURE, LinearReward([0.8, -0.4]), 1.0, eps_parameterization(1e-8))
     score = oracle(torch.randn(16, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(16, dtype=torch.long))
     assert score.abs().max() < 1e-3
 

@@ -83,7 +83,9 @@ def test_partial_denoising_target_is_the_eps_of_the_noised_intermediate_distribu
     y = abar[t_data].sqrt() * clean + (1 - abar[t_data]).sqrt() * torch.randn(clean.shape, generator=generator,
                                                                               dtype=torch.float64)
     z = torch.randn(y.shape, generator=generator, dtype=torch.float64)
-    x_t, scale = partial_noising(y, z, torch.full((n,), abar[t]), float(abar[t_data]))
+    level = torch.full((n,), abar[t])
+    x_t, scale = partial_noising(y, z, (level.sqrt(), (1 - level).sqrt()),
+                                 (float(abar[t_data].sqrt()), float((1 - abar[t_data]).sqrt())))
     assert torch.all(scale < 1)  # ε is larger than the partial noise z it predicts
     eps = backend.pretrained_eps(x_t, torch.full((n,), t))
     moment = ((scale * eps - z)[:, :, None] * x_t[:, None, :]).mean(0)  # E[(scale·ε − z) x_tᵀ]
@@ -91,7 +93,7 @@ def test_partial_denoising_target_is_the_eps_of_the_noised_intermediate_distribu
     wrong = ((eps - z)[:, :, None] * x_t[:, None, :]).mean(0)
     assert wrong.abs().max() > 0.04
     # GRAFT's level (ᾱ_data = 1) is the plain DDPM noising with scale 1
-    x_t, scale = partial_noising(clean, z, torch.full((n,), abar[t]), 1.0)
+    x_t, scale = partial_noising(clean, z, (level.sqrt(), (1 - level).sqrt()), (1.0, 0.0))
     torch.testing.assert_close(scale, torch.ones_like(scale))
     torch.testing.assert_close(x_t, abar[t].sqrt() * clean + (1 - abar[t]).sqrt() * z)
 

@@ -65,6 +65,7 @@ class RunConfig(StrictConfig):
             from .backends.stable_diffusion import resolve_dtype
 
             self.model.dtype = resolve_dtype("auto", self.train.device)
+        self._sampler_matches_model()
         if reward in VECTOR_REWARDS:
             if model != "gmm":
                 raise ValueError(f"reward.kind: {reward!r} is a reward on vectors; model.kind={model!r} makes images")
@@ -87,6 +88,20 @@ class RunConfig(StrictConfig):
         if problem:
             raise ValueError(problem)
         return self
+
+
+    def _sampler_matches_model(self) -> None:
+        """``sampler.kind`` defaults to ``flow_sde`` for flow models; a kind for the other parameterization is refused."""
+        from .mdp import KERNEL_KINDS
+
+        parameterization = getattr(self.model, "parameterization", "eps")
+        if "kind" not in self.sampler.model_fields_set and parameterization == "flow":
+            self.sampler.kind = "flow_sde"
+        if self.sampler.kind not in KERNEL_KINDS[parameterization]:
+            raise ValueError(
+                f"sampler.kind: {self.sampler.kind} does not sample model.parameterization={parameterization}; "
+                f"choose one of {', '.join(KERNEL_KINDS[parameterization])}"
+            )
 
 
 VECTOR_REWARDS = ("gaussian", "linear")

@@ -32,6 +32,13 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
+    def noised_at(self, signal: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Means (B, M, d) and variances (B, M) of the components of α x₀ + s ε for per-sample α, s (B,)."""
+        signal, noise = signal.to(torch.float64), noise.to(torch.float64)
+        means = signal[:, None, None] * self.means[None]
+        variances = signal[:, None] ** 2 * self.stds[None] ** 2 + noise[:, None] ** 2
+        return means, variances
+
     def noised(self, abar: Tensor) -> tuple[Tensor, Tensor]:
         """Means (B, M, d) and variances (B, M) of the components of p_t for per-sample ᾱ (B,)."""
         abar = abar.to(torch.float64)
@@ -56,8 +63,14 @@ class GaussianMixture:
 
     def score(self, x: Tensor, abar: Tensor) -> Tensor:
         """∇_x log p_t(x) in closed form (responsibility-weighted component scores)."""
+        return self._score(x, *self.noised(abar))
+
+    def score_at(self, x: Tensor, signal: Tensor, noise: Tensor) -> Tensor:
+        """∇_x log of the density of α x₀ + s ε (per-sample α, s), in closed form."""
+        return self._score(x, *self.noised_at(signal, noise))
+
+    def _score(self, x: Tensor, means: Tensor, variances: Tensor) -> Tensor:
         x64 = x.to(torch.float64)
-        means, variances = self.noised(abar)
         responsibilities = torch.softmax(self._component_log_probs(x64, means, variances), dim=1)
         component_scores = -(x64[:, None, :] - means) / variances[..., None]
         return (responsibilities[..., None] * component_scores).sum(1).to(x.dtype)
@@ -72,9 +85,7 @@ class GaussianMixture:
         """Means (B, M, d) and variances (B, M) of the components of x_σ = (1 − σ) x₀ + σ ε for per-sample σ (B,):
         x_σ | k ~ N((1 − σ) m_k, ((1 − σ)² s_k² + σ²) I)."""
         sigma = sigma.to(torch.float64)
-        means = (1 - sigma)[:, None, None] * self.means[None]
-        variances = (1 - sigma[:, None]) ** 2 * self.stds[None] ** 2 + sigma[:, None] ** 2
-        return means, variances
+        return self.noised_at(1 - sigma, sigma)
 
     def log_prob_flow(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """log p_σ(x) of the linear interpolant x_σ = (1 − σ) x₀ + σ ε (σ a float or per-sample (B,))."""

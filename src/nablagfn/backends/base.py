@@ -12,14 +12,19 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from ..mdp.parameterization import EpsilonParameterization, Parameterization
 from ..mdp.schedules import NoiseSchedule
-from ..mdp.shapes import per_sample
 
 
 class Backend(nn.Module, ABC):
-    """ε-prediction model with a switchable finetuning adapter."""
+    """A diffusion (ε-prediction) or flow (velocity) model with a switchable finetuning adapter.
 
-    schedule: NoiseSchedule
+    ``eps`` is the model's output whichever it predicts: ε for ``parameterization.kind == "eps"``, the velocity for
+    ``"flow"`` (``mdp.parameterization``); the sampler kernels and methods read it through ``parameterization``.
+    """
+
+    #: the ε-model's noise schedule (None for flow models)
+    schedule: NoiseSchedule | None
     sample_shape: tuple[int, ...]
     #: conditioning id i means prompts[i] (text backends); empty when there is no text
     prompts: list[str] = []
@@ -43,9 +48,16 @@ class Backend(nn.Module, ABC):
     def device(self) -> torch.device:
         return next(iter(self.trainable_parameters())).device
 
+    @property
+    def parameterization(self) -> Parameterization:
+        """What ``eps`` returns and how the state is noised at each model time: ε-prediction under ``schedule``
+        unless the backend is a flow model."""
+        return EpsilonParameterization(self.schedule)
+
     @abstractmethod
     def eps(self, x: Tensor, timestep: Tensor, cond: Tensor, finetuned: bool = True) -> Tensor:
-        """Guided ε(x, t | cond): the finetuned model, or the pretrained one with the adapter off."""
+        """Guided model output at (x, t | cond) — ε, or the velocity of a flow model: the finetuned model, or the
+        pretrained one with the adapter off."""
 
     @abstractmethod
     def sample_conditions(self, num: int, generator: torch.Generator, split: str = "train") -> Tensor:
@@ -67,10 +79,9 @@ class Backend(nn.Module, ABC):
         ``cond`` are conditioning ids; a text backend's net maps them to embeddings itself."""
 
     def predict_clean(self, x: Tensor, timestep: Tensor, eps: Tensor) -> Tensor:
-        """One-step clean prediction x̂(x_t) = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t (eq. 2's x_θ)."""
-        abar = self.schedule.alphas_cumprod.to(x.device)[timestep].to(x.dtype)
-        abar = per_sample(abar, x)
-        return (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        """One-step clean prediction x̂(x_t) from the model output (eq. 2's x_θ): (x_t − √(1−ᾱ_t) ε)/√ᾱ_t for an
+        ε-model, x_t − σ v for a flow model."""
+        return self.parameterization.predict_clean(x, timestep, eps)
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """The trainable parameters by name (what a checkpoint stores for the policy)."""

@@ -6,29 +6,55 @@ step i goes from state i to state i + 1. Diffusion timesteps t decrease along it
 
 from .ddim import DDIMKernel
 from .dpm_solver import SDEDPMSolverKernel
-from .flow import FlowCPSKernel, FlowMatchKernel, FlowNoisingKernel, FlowSDEKernel
+from .flow import FlowCPSKernel, FlowMatchKernel, FlowSDEKernel
 from .gaussian import GaussianKernel
+from .noising import NoisingKernel
+from .parameterization import EpsilonParameterization, FlowParameterization, Parameterization
 from .rollout import Trajectories, rollout
 from .schedules import NoiseSchedule
 
+#: sampler kinds by the model parameterization they sample
+KERNEL_KINDS = {"eps": ("ddpm", "ddim", "dpm_solver"), "flow": ("flow_sde", "flow_cps")}
 
-def make_kernel(kind: str, schedule: NoiseSchedule, steps: int, eta: float = 1.0) -> GaussianKernel:
-    """Kernel by name: ``ddpm`` (DDIM with η, 1 by default), ``ddim`` (same) or ``dpm_solver``."""
+
+def make_kernel(
+    kind: str, parameterization: Parameterization | NoiseSchedule, steps: int, eta: float = 1.0,
+    noise_level: float = 0.7,
+) -> GaussianKernel:
+    """Kernel by name for a model of ``parameterization`` (a schedule means ε-prediction under it): ``ddpm`` (DDIM
+    with η, 1 by default), ``ddim`` (same) or ``dpm_solver`` for ε-models; ``flow_sde`` or ``flow_cps`` (with
+    ``noise_level``, and the model's shift) for flow models."""
+    if isinstance(parameterization, NoiseSchedule):
+        parameterization = EpsilonParameterization(parameterization)
+    model_kind = parameterization.kind
+    if kind not in sum(KERNEL_KINDS.values(), ()):
+        raise ValueError(f"unknown sampler.kind {kind!r}; choose one of {', '.join(KERNEL_KINDS[model_kind])}")
+    if kind not in KERNEL_KINDS[model_kind]:
+        what = {"eps": "an ε-prediction model", "flow": "a flow (velocity) model"}
+        raise ValueError(
+            f"sampler.kind: {kind} does not sample {what[model_kind]} (model.parameterization={model_kind}); "
+            f"choose one of {', '.join(KERNEL_KINDS[model_kind])}"
+        )
     if kind in ("ddpm", "ddim"):
-        return DDIMKernel(schedule, steps, eta)
+        return DDIMKernel(parameterization.schedule, steps, eta)
     if kind == "dpm_solver":
-        return SDEDPMSolverKernel(schedule, steps)
-    raise ValueError(f"unknown sampler.kind {kind!r}; choose ddpm, ddim or dpm_solver")
+        return SDEDPMSolverKernel(parameterization.schedule, steps)
+    flow_kernel = FlowSDEKernel if kind == "flow_sde" else FlowCPSKernel
+    return flow_kernel(steps, noise_level, parameterization.shift, parameterization.num_train_timesteps)
 
 
 __all__ = [
     "DDIMKernel",
     "FlowCPSKernel",
     "FlowMatchKernel",
-    "FlowNoisingKernel",
+    "EpsilonParameterization",
+    "FlowParameterization",
     "FlowSDEKernel",
     "GaussianKernel",
+    "KERNEL_KINDS",
     "NoiseSchedule",
+    "NoisingKernel",
+    "Parameterization",
     "SDEDPMSolverKernel",
     "Trajectories",
     "make_kernel",

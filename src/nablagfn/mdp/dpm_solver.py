@@ -33,6 +33,8 @@ class SDEDPMSolverKernel(GaussianKernel):
         scheduler.set_timesteps(num_steps)
         timesteps = scheduler.timesteps.long()
         self.state_timesteps = torch.cat([timesteps, torch.zeros(1, dtype=torch.long)])
+        self.state_signal = schedule.alphas_cumprod[self.state_timesteps].sqrt()
+        self.state_noise = (1 - schedule.alphas_cumprod[self.state_timesteps]).sqrt()
 
         abar = schedule.alphas_cumprod
         abar_now = abar[self.state_timesteps[:-1]]

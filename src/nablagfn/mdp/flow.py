@@ -42,14 +42,9 @@ The last Flow-SDE step (σ_{K-1} → 0) keeps a tiny but non-zero std g·√σ_{
 package's ε-samplers. The last Flow-CPS step has s = σ_K · sin(aπ/2) = 0: it is deterministic (μ = x̂₀) and has no
 finite log-probability; :meth:`FlowMatchKernel.log_prob` raises on steps with zero std instead of returning NaN/∞.
 
-**Flow noising kernel** P_B(x_k | x_{k+1}) (:class:`FlowNoisingKernel`), the forward process run from σ_{k+1} back to
-σ_k with the interpolant's marginals::
-
-    c_k  = (1 − σ_k) / (1 − σ_{k+1})
-    x_k  = c_k · x_{k+1} + √(σ_k² − c_k² σ_{k+1}²) · z
-         (variance computed as (σ_k − σ_{k+1})(σ_k + σ_{k+1} − 2σ_kσ_{k+1}) / (1 − σ_{k+1})², the same number)
-
-Not wired into configs/backends yet: the backends are ε-parameterised and index ᾱ by (integer) timestep.
+The states' marginals are x_k = (1 − σ_k) x₀ + σ_k ε (``state_signal``, ``state_noise``), from which
+:class:`~nablagfn.mdp.noising.NoisingKernel` builds the flow's noising kernel P_B(x_k | x_{k+1}) =
+N((1 − σ_k)/(1 − σ_{k+1}) · x_{k+1}, (σ_k² − c_k² σ_{k+1}²) I).
 """
 
 from __future__ import annotations
@@ -70,6 +65,7 @@ class FlowMatchKernel(GaussianKernel):
     ``std`` from ``state_sigmas``.
     """
 
+    parameterization = "flow"
     state_sigmas: Tensor  # float64, (K + 1,), state_sigmas[0] = 1, state_sigmas[-1] = 0
     state_timesteps: Tensor  # float32, (K + 1,), diffusers' timesteps (σ · num_train_timesteps) and a final 0
 
@@ -88,6 +84,7 @@ class FlowMatchKernel(GaussianKernel):
         self.shift = float(shift)
         self.num_train_timesteps = num_train_timesteps
         self.state_sigmas = sigmas
+        self.state_signal, self.state_noise = 1 - sigmas, sigmas
         self.state_timesteps = torch.cat([scheduler.timesteps, torch.zeros(1, dtype=scheduler.timesteps.dtype)])
 
     @property
@@ -167,47 +164,3 @@ class FlowCPSKernel(FlowMatchKernel):
         self.x_coef = (1 - sigma_next) + noise_coef
         self.eps_coef = -sigma * (1 - sigma_next) + noise_coef * (1 - sigma)
         self.std = std
-
-
-class FlowNoisingKernel:
-    """P_B(x_k | x_{k+1}) = N(c_k x_{k+1}, s_k² I) over ``kernel``'s grid; ``step`` k means the transition x_k → x_{k+1}.
-
-    The flow counterpart of :class:`~nablagfn.mdp.noising.NoisingKernel` (same ``log_density`` / ``scores``); there
-    is no single ratio r with c = √r and s² = 1 − r here, so the two coefficients come separately.
-    """
-
-    def __init__(self, kernel: FlowMatchKernel):
-        self.kernel = kernel
-        sigma, sigma_next = kernel.sigma, kernel.sigma_next  # σ_k, σ_{k+1}
-        self._coef = (1 - sigma) / (1 - sigma_next)
-        self._variance = (sigma - sigma_next) * (sigma + sigma_next - 2 * sigma * sigma_next) / (1 - sigma_next) ** 2
-
-    def coef(self, step: Tensor) -> Tensor:
-        """c_k = (1 − σ_k)/(1 − σ_{k+1}) per sample, float64 (shape of ``step``)."""
-        return self._coef.to(step.device)[step]
-
-    def variance(self, step: Tensor) -> Tensor:
-        """s_k² = σ_k² − c_k² σ_{k+1}² per sample, float64 (shape of ``step``)."""
-        return self._variance.to(step.device)[step]
-
-    def coef_like(self, step: Tensor, like: Tensor) -> Tensor:
-        return per_sample(self.coef(step).to(like.dtype), like)
-
-    def variance_like(self, step: Tensor, like: Tensor) -> Tensor:
-        return per_sample(self.variance(step).to(like.dtype), like)
-
-    def sample(self, x_next: Tensor, step: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Draw x_k ~ P_B(· | x_{k+1})."""
-        noise = torch.randn(x_next.shape, generator=generator, dtype=x_next.dtype).to(x_next.device)
-        return self.coef_like(step, x_next) * x_next + self.variance_like(step, x_next).sqrt() * noise
-
-    def log_density(self, x: Tensor, x_next: Tensor, step: Tensor) -> Tensor:
-        """log P_B(x_k | x_{k+1}) summed over non-batch dimensions, without the normalising constant → (B,)."""
-        coef, variance = self.coef_like(step, x), self.variance_like(step, x)
-        return (-0.5 * (x - coef * x_next) ** 2 / variance).flatten(1).sum(1)
-
-    def scores(self, x: Tensor, x_next: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
-        """(∇_{x_{k+1}}, ∇_{x_k}) of log P_B(x_k | x_{k+1})."""
-        coef, variance = self.coef_like(step, x), self.variance_like(step, x)
-        scaled_residual = (x - coef * x_next) / variance
-        return coef * scaled_residual, -scaled_residual

@@ -37,13 +37,18 @@ def _per_sample(values: Tensor, step: Tensor, like: Tensor) -> Tensor:
 class GaussianKernel:
     """A sampler as a table of Gaussian steps μ = a·x + b·ε, std σ.
 
-    Subclasses fill ``state_timesteps`` (K + 1 diffusion timesteps, the last one 0)
-    and the per-step tables ``x_coef``, ``eps_coef``, ``std`` (each of length K).
-    Step ``i`` goes from the state at ``state_timesteps[i]`` to ``state_timesteps[i+1]``.
+    Subclasses fill ``state_timesteps`` (K + 1 diffusion timesteps, the last one 0), the marginal of each state,
+    x_k = ``state_signal[k]``·x₀ + ``state_noise[k]``·ε (float64, K + 1), and the per-step tables ``x_coef``,
+    ``eps_coef``, ``std`` (each of length K). Step ``i`` goes from the state at ``state_timesteps[i]`` to
+    ``state_timesteps[i+1]``. ``parameterization`` says what the model output in the step mean is (``eps``: ε;
+    ``flow``: the velocity, ``mdp.flow``).
     """
 
     name: str
-    state_timesteps: Tensor  # long, (K + 1,)
+    parameterization: str = "eps"
+    state_timesteps: Tensor  # long (eps) or float (flow), (K + 1,)
+    state_signal: Tensor  # float64, (K + 1,)
+    state_noise: Tensor
     x_coef: Tensor  # float64, (K,)
     eps_coef: Tensor
     std: Tensor

@@ -10,10 +10,13 @@ from ..config_base import StrictConfig
 
 
 class SamplerConfig(StrictConfig):
-    """``ddpm``: DDIM with η (1 = the paper's DDPM, 50 steps); ``dpm_solver``: first-order SDE-DPM-Solver++."""
+    """``ddpm``: DDIM with η (1 = the paper's DDPM, 50 steps); ``dpm_solver``: first-order SDE-DPM-Solver++ (both for
+    ε-models); ``flow_sde``: Flow-GRPO's SDE with ``noise_level`` (the default for ``model.parameterization=flow``);
+    ``flow_cps``: its coefficients-preserving variant."""
 
-    kind: Literal["ddpm", "ddim", "dpm_solver"] = "ddpm"
+    kind: Literal["ddpm", "ddim", "dpm_solver", "flow_sde", "flow_cps"] = "ddpm"
     steps: int = Field(50, ge=1, le=1000)
     eta: float = Field(1.0, gt=0, description="DDIM η; > 0, since η = 0 is deterministic and has no log-probs")
-
-
+    noise_level: float = Field(
+        0.7, gt=0, description="flow samplers' a (Flow-GRPO's default 0.7); > 0, since a = 0 is the deterministic ODE"
+    )

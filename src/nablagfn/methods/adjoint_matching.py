@@ -38,6 +38,7 @@ step from the earliest chosen one to the end.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -45,6 +46,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..config_base import StrictConfig
+from ..mdp.flow import FlowMatchKernel, FlowSDEKernel
 from ..mdp.rollout import Trajectories
 from .base import Method, RewardSmoothingConfig, SubsampleConfig, batch_mean, subsample_steps
 
@@ -71,15 +73,25 @@ class AdjointMatchingConfig(StrictConfig):
     reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
 
 
-def memoryless_problem(kernel, alphas_cumprod: Tensor) -> str | None:
-    """Why the kernel is not the DDPM posterior step q(x_prev | x_t, x̂0) on its own timesteps (a memoryless
-    sampler), or None if it is."""
-    abar = alphas_cumprod.to(torch.float64)
-    abar_t = abar[kernel.state_timesteps[:-1]]
-    abar_prev = abar[kernel.state_timesteps[1:]]
-    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+#: the Flow-SDE noise level whose diffusion g(σ)² = 2σ/(1 − σ) makes the flow sampler memoryless
+MEMORYLESS_FLOW_NOISE_LEVEL = math.sqrt(2)
+
+
+def memoryless_problem(kernel) -> str | None:
+    """Why the kernel is not a memoryless sampler, or None if it is: for an ε-model, the DDPM posterior step
+    q(x_prev | x_t, x̂0) on its own timesteps; for a flow model, the Flow-SDE with noise level √2 (g² = 2σ/(1 − σ),
+    Adjoint Matching's memoryless schedule for the linear interpolant)."""
+    if isinstance(kernel, FlowMatchKernel):
+        if not isinstance(kernel, FlowSDEKernel):
+            return f"sampler.kind={kernel.name} is not memoryless"
+        if not math.isclose(kernel.noise_level, MEMORYLESS_FLOW_NOISE_LEVEL, rel_tol=1e-6):
+            return f"its noise level {kernel.noise_level:g} is not √2 = {MEMORYLESS_FLOW_NOISE_LEVEL:.6f}"
+        return None
+    signal, noise = kernel.state_signal.to(torch.float64), kernel.state_noise.to(torch.float64)
+    abar_t, abar_prev = signal[:-1] ** 2, signal[1:] ** 2
+    variance = noise[1:] ** 2 / noise[:-1] ** 2 * (1 - abar_t / abar_prev)
     x_coef = (abar_prev / abar_t).sqrt()
-    eps_coef = (1 - abar_prev - variance).clamp(min=0).sqrt() - (abar_prev * (1 - abar_t) / abar_t).sqrt()
+    eps_coef = (noise[1:] ** 2 - variance).clamp(min=0).sqrt() - (abar_prev / abar_t).sqrt() * noise[:-1]
     checks = {"std": (kernel.std, variance.sqrt()), "x_coef": (kernel.x_coef, x_coef),
               "eps_coef": (kernel.eps_coef, eps_coef)}
     for name, (actual, ddpm) in checks.items():
@@ -93,14 +105,17 @@ class AdjointMatching(Method):
 
     def __init__(self, config, backend, reward, kernel):
         super().__init__(config, backend, reward, kernel)
-        problem = memoryless_problem(kernel, backend.schedule.alphas_cumprod)
+        problem = memoryless_problem(kernel)
         if problem is not None:
             eta = getattr(kernel, "eta", None)
             setting = f"sampler.kind={kernel.name}" + (f" with sampler.eta={eta:g}" if eta is not None else "")
+            memoryless = ("sampler.kind=flow_sde with sampler.noise_level=1.4142135 (√2)"
+                          if isinstance(kernel, FlowMatchKernel) else
+                          "sampler.kind=ddpm or ddim with sampler.eta=1, or sampler.kind=dpm_solver")
             raise ValueError(
-                f"method.name: adjoint_matching needs a memoryless sampler (sampler.kind=ddpm or ddim with "
-                f"sampler.eta=1, or sampler.kind=dpm_solver), got {setting} ({problem}): without it the final "
-                "sample depends on the initial noise and the fine-tuned model does not converge to p·R^β"
+                f"method.name: adjoint_matching needs a memoryless sampler ({memoryless}), got {setting} "
+                f"({problem}): without it the final sample depends on the initial noise and the fine-tuned model does "
+                "not converge to p·R^β"
             )
 
     def lean_adjoint(self, trajectories: Trajectories, first_state: int, generator: torch.Generator) -> Tensor:

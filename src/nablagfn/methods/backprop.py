@@ -230,17 +230,18 @@ class DRaFTLV(BackpropThroughSampling):
     """DRaFT-LV (Clark et al. 2024): the sample x_K is drawn without gradient; n copies are re-noised to
     the last step's noise level and denoised by the last step with gradient; their log-rewards are averaged.
 
-    Re-noising uses the noising kernel from the final state's ᾱ (t = 0, slightly below 1) to the last
-    step's, so x̃ has the distribution the last step expects. With ``include_sampled_step`` the chain's own
+    Re-noising uses the noising kernel from the final state's level (for DDPM ᾱ at t = 0, slightly below 1) to the
+    last step's, so x̃ has the distribution the last step expects. With ``include_sampled_step`` the chain's own
     last step also carries gradient (DRaFT-1 plus the n copies, averaged over 1 + n)."""
 
     config_class = DRaFTLVConfig
 
     def renoise(self, final: Tensor, generator: torch.Generator) -> Tensor:
         """n copies of each x_K drawn from q(x_{K−1} | x_K), stacked copy-major → (n·B, …)."""
-        ratio = self.noising.ratio(torch.tensor([self.kernel.num_steps - 1])).item()
         copies = final.detach().repeat(self.config.copies, *([1] * (final.dim() - 1)))
-        return math.sqrt(ratio) * copies + math.sqrt(1 - ratio) * self.noise(tuple(copies.shape), generator)
+        last = torch.tensor([self.kernel.num_steps - 1])
+        coef, std = float(self.noising.coef(last)), math.sqrt(float(self.noising.variance(last)))
+        return coef * copies + std * self.noise(tuple(copies.shape), generator)
 
     def chain_loss(self, cond: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         num_steps = self.kernel.num_steps

@@ -115,7 +115,7 @@ class Method:
         self.backend = backend
         self.reward = reward
         self.kernel = kernel
-        self.noising = NoisingKernel(backend.schedule, kernel)  # P_B over the sampler's stride
+        self.noising = NoisingKernel(kernel)  # P_B over the sampler's stride
         self.networks = nn.ModuleDict()
         self.update, self.total_updates = 0, 1
 

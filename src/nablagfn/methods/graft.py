@@ -124,14 +124,20 @@ def top_k_mask(log_reward: Tensor, groups: Tensor, fraction: float) -> Tensor:
     return accept
 
 
-def partial_noising(data: Tensor, noise: Tensor, abar: Tensor, abar_data: float) -> tuple[Tensor, Tensor]:
-    """x_t = √r y + √(1 − r) z with r = ᾱ_t/ᾱ_data (the forward process from the data's level to t), and the
-    scale √((1 − r)/(1 − ᾱ_t)) that turns the model's ε into the units of z (per sample, broadcastable)."""
+def partial_noising(
+    data: Tensor, noise: Tensor, marginal: tuple[Tensor, Tensor], data_marginal: tuple[float, float]
+) -> tuple[Tensor, Tensor]:
+    """x_t = c·y + √v·z from data y at the level x = α_I x₀ + s_I ε (``data_marginal``) to the level (α_t, s_t) of
+    ``marginal`` (per sample): c = α_t/α_I, v = s_t² − c² s_I² (the forward process between the two levels; for a VP
+    schedule c = √r, v = 1 − r with r = ᾱ_t/ᾱ_I). Also returns the scale √v / s_t that turns the model's
+    ε-prediction into the units of z (per sample, broadcastable)."""
     shape = (-1, *([1] * (data.dim() - 1)))
-    ratio = (abar / abar_data).reshape(shape)
-    scale = ((1 - ratio) / (1 - abar.reshape(shape))).sqrt()
-    ratio, scale = ratio.to(data), scale.to(data)
-    return ratio.sqrt() * data + (1 - ratio).sqrt() * noise, scale
+    (signal, noise_std), (data_signal, data_noise) = marginal, data_marginal
+    coef = (signal / data_signal).reshape(shape)
+    variance = noise_std.reshape(shape) ** 2 - coef**2 * data_noise**2
+    scale = variance.sqrt() / noise_std.reshape(shape)
+    coef, variance, scale = coef.to(data), variance.to(data), scale.to(data)
+    return coef * data + variance.sqrt() * noise, scale
 
 
 class GRAFT(Method):
@@ -150,9 +156,9 @@ class GRAFT(Method):
     def data_state(self) -> int:
         return self.kernel.num_steps
 
-    def data_alpha_bar(self) -> float:
-        """ᾱ of the kept samples' level: 1 (clean data) for GRAFT."""
-        return 1.0
+    def data_level(self) -> tuple[float, float]:
+        """(α, s) of the kept samples' level x = α x₀ + s ε: (1, 0), clean data, for GRAFT."""
+        return 1.0, 0.0
 
     def sampling_policy(self, step: int) -> bool:
         return step < self.data_state
@@ -189,17 +195,22 @@ class GRAFT(Method):
         if self.config.timesteps == "sampler":
             steps = torch.randint(self.data_state, (num,), generator=generator)
             return self.kernel.state_timesteps[steps]
-        low = int(self.kernel.state_timesteps[self.data_state]) + (0 if self.data_alpha_bar() == 1.0 else 1)
-        return torch.randint(low, self.backend.schedule.num_train_timesteps, (num,), generator=generator)
+        parameterization = self.backend.parameterization
+        low = float(self.kernel.state_timesteps[self.data_state])
+        if parameterization.kind == "eps" and self.data_level() != (1.0, 0.0):
+            low += 1  # strictly above the data's own timestep
+        return parameterization.random_timesteps(num, generator, low)
 
     def denoising_loss(self, data: Tensor, cond: Tensor, generator: torch.Generator) -> Tensor:
-        """(B,) ‖√((1 − r_t)/(1 − ᾱ_t)) ε_θ(x_t, t) − z‖² at random timesteps t above the data level."""
-        timestep = self.training_timesteps(data.shape[0], generator)
+        """(B,) ‖scale·ε̂_θ(x_t, t) − z‖² at random timesteps t above the data level, scale = √v_t / s_t
+        (``partial_noising``; 1 for clean data), ε̂_θ the model's ε-prediction (its velocity converted, for a flow
+        model)."""
+        parameterization = self.backend.parameterization
+        timestep = self.training_timesteps(data.shape[0], generator).to(data.device)
         noise = torch.randn(data.shape, generator=generator, dtype=data.dtype).to(data.device)
-        abar = self.backend.schedule.alphas_cumprod[timestep]
-        noisy, scale = partial_noising(data, noise, abar, self.data_alpha_bar())
-        eps = self.backend.eps(noisy, timestep.to(data.device), cond, finetuned=True)
-        return batch_mean((scale * eps - noise) ** 2)
+        noisy, scale = partial_noising(data, noise, parameterization.marginal(timestep), self.data_level())
+        output = self.backend.eps(noisy, timestep, cond, finetuned=True)
+        return batch_mean((scale * parameterization.to_eps(noisy, timestep, output) - noise) ** 2)
 
     def trajectory_loss(self, trajectories: Trajectories, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         candidates = self.proposals(trajectories, generator)
@@ -230,6 +241,6 @@ class PGRAFT(GRAFT):
         """k_I = round(intermediate_fraction · K), at least 1."""
         return min(self.kernel.num_steps, max(1, round(self.config.intermediate_fraction * self.kernel.num_steps)))
 
-    def data_alpha_bar(self) -> float:
-        """ᾱ at t_I, the timestep of state k_I."""
-        return float(self.backend.schedule.alphas_cumprod[self.kernel.state_timesteps[self.data_state]])
+    def data_level(self) -> tuple[float, float]:
+        """(α, s) of state k_I."""
+        return float(self.kernel.state_signal[self.data_state]), float(self.kernel.state_noise[self.data_state])

@@ -175,9 +175,10 @@ class ResidualNablaDB(Method):
         return {"policy": self.backend.trainable_parameters(), "flow": list(self.flow_score_net.parameters())}
 
     def gamma(self, state_index: Tensor) -> Tensor:
-        """Forward-looking scale γ_k (γ = 1 at the final state)."""
-        abar = self.backend.schedule.alphas_cumprod.to(state_index.device)[self.kernel.timestep_of_state(state_index)]
-        gamma = {"alpha_bar": abar, "sqrt_alpha_bar": abar.sqrt(), "one": torch.ones_like(abar)}[self.config.gamma]
+        """Forward-looking scale γ_k (γ = 1 at the final state): α_k² (``alpha_bar``), α_k (``sqrt_alpha_bar``) or 1,
+        α_k the signal coefficient of state k (√ᾱ for a diffusion model, 1 − σ for a flow model)."""
+        signal = self.kernel.state_signal.to(state_index.device)[state_index]
+        gamma = {"alpha_bar": signal**2, "sqrt_alpha_bar": signal, "one": torch.ones_like(signal)}[self.config.gamma]
         return torch.where(state_index == self.kernel.num_steps, torch.ones_like(gamma), gamma)
 
     def forward_looking_score(
@@ -237,7 +238,7 @@ class ResidualNablaDB(Method):
         reverse_loss = batch_mean(reverse_weight * (reverse_policy_score + flow_here) ** 2)
 
         if getattr(cfg, "policy_target", "detailed_balance") == "tilted_score":
-            forward_loss = self.tilted_score_loss(x, timestep, eps_policy, pretrained.value, flow_here.detach())
+            forward_loss = self.tilted_score_loss(x, step, eps_policy, pretrained.value, flow_here.detach())
         else:  # eq. 16: forward residual ∇-DB, ‖∇_{x_{k+1}} log P̃ − ∇ log F̃(x_{k+1})‖²
             residual_policy_score = (-(x_next - mean_policy) + eta * (x_next - pretrained.mean)) / variance
             if eta != 1:
@@ -277,19 +278,22 @@ class ResidualNablaDB(Method):
         return loss, metrics
 
     def tilted_score_loss(
-        self, x: Tensor, timestep: Tensor, eps_policy: Tensor, eps_pretrained: Tensor, flow_here: Tensor
+        self, x: Tensor, step: Tensor, eps_policy: Tensor, eps_pretrained: Tensor, flow_here: Tensor
     ) -> Tensor:
-        """‖ε_θ(x_k) − η ε#(x_k) + √(1 − ᾱ_k) ∇ log F̃(x_k)‖²: the finetuned ε is the tilted model's, whose score is
-        ∇ log p_t^η + ∇ log F̃ (F̃ = q_t / p_t^η for the target q noised to t)."""
+        """‖ε̂_θ(x_k) − η ε̂#(x_k) + s_k ∇ log F̃(x_k)‖²: the finetuned model is the tilted one, whose score is
+        ∇ log p_t^η + ∇ log F̃ (F̃ = q_t / p_t^η for the target q noised to t), with ε̂ = −s_k ∇ log p the models'
+        ε-predictions (a flow model's velocity converted, ``mdp.parameterization``) and s_k the noise scale of x_k."""
+        timestep = self.kernel.timestep_of_state(step)
         if getattr(self.config, "flow_oracle", False):
             flow_here = self.exact_flow_score(x, timestep)
-        scale = self.noise_scale(x, timestep)
+        to_eps = self.backend.parameterization.to_eps
+        eps_policy, eps_pretrained = to_eps(x, timestep, eps_policy), to_eps(x, timestep, eps_pretrained)
+        scale = self.noise_scale(x, step)
         return batch_mean((eps_policy - self.prior_strength * eps_pretrained + scale * flow_here) ** 2)
 
-    def noise_scale(self, x: Tensor, timestep: Tensor) -> Tensor:
-        """√(1 − ᾱ_t) per sample, shaped to broadcast against x."""
-        abar = self.backend.schedule.alphas_cumprod.to(x.device)[timestep].to(x.dtype)
-        return per_sample((1 - abar).sqrt(), x)
+    def noise_scale(self, x: Tensor, step: Tensor) -> Tensor:
+        """s_k, the noise scale of state k (√(1 − ᾱ) or σ), per sample, shaped to broadcast against x."""
+        return per_sample(self.kernel.state_noise.to(x.device)[step].to(x.dtype), x)
 
     def errors_against_exact_flow(
         self, x: Tensor, step: Tensor, cond: Tensor, generator, flow_here: Tensor, eps_policy: Tensor,
@@ -297,14 +301,16 @@ class ResidualNablaDB(Method):
     ) -> dict[str, float]:
         """Relative squared errors per band of steps, Σ‖estimate − exact‖² / Σ‖exact‖² over the band's transitions:
         ``flow_error``, the learned ∇ log F̃(x_k) (look-ahead + g_φ) against the exact one; ``policy_error``, the flow
-        score the policy implies against the exact one where ``policy_target`` puts it: −(ε_θ − ε#)/√(1 − ᾱ_k)
+        score the policy implies against the exact one where ``policy_target`` puts it: −(ε̂_θ − ε̂#)/s_k
         at x_k (``tilted_score``), or the drift (μ_θ − μ#)/σ² at μ_θ (``detailed_balance``: eq. 16's optimum to
         first order; at the last step the exact value is β ∇ log R(μ_θ))."""
         kernel = self.kernel
         timestep = kernel.timestep_of_state(step)
         exact_here = self.exact_flow_score(x, timestep)
         if getattr(self.config, "policy_target", "detailed_balance") == "tilted_score":
-            implied, exact_policy = -(eps_policy - eps_pretrained) / self.noise_scale(x, timestep), exact_here
+            to_eps = self.backend.parameterization.to_eps
+            eps_difference = to_eps(x, timestep, eps_policy) - to_eps(x, timestep, eps_pretrained)
+            implied, exact_policy = -eps_difference / self.noise_scale(x, step), exact_here
         else:
             next_index = step + 1
             is_last = per_sample(next_index == kernel.num_steps, x)

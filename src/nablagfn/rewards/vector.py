@@ -140,7 +140,8 @@ class ExactFlowScore:
 
     Under the pretrained diffusion, x_0 | x_t is known in closed form, and the residual flow is
     F̃_t(x) = E[R(x_0)^β | x_t = x] = Z · p̃_t(x) / p_t(x), with p̃ = p·R^β (again a mixture, ``reward.tilt``) and
-    p_t, p̃_t both noised to level ᾱ_t. So ∇ log F̃_t = ∇ log p̃_t − ∇ log p_t, two closed-form mixture scores.
+    p_t, p̃_t both noised to the model's level at t, x_t = α_t x_0 + s_t ε (``mdp.parameterization``: √ᾱ_t, √(1 − ᾱ_t)
+    for a diffusion model, 1 − σ, σ for a flow model). So ∇ log F̃_t = ∇ log p̃_t − ∇ log p_t, two closed-form mixture scores.
     It is the flow of the continuous-time process; a K-step sampler's own flow differs from it by the
     discretisation. The optimal residual of eq. 15 is then g*(x_k) = ∇ log F̃(x_k) − β γ_k ∇ log R(x̂(x_k)).
 
@@ -148,19 +149,19 @@ class ExactFlowScore:
         prior: the pretrained mixture p.
         reward: a ``GaussianReward`` or ``LinearReward``.
         beta: the tilt's exponent β.
-        alphas_cumprod: the schedule's ᾱ_t per diffusion timestep t.
+        parameterization: the model's (α_t, s_t) per model time t (``Backend.parameterization``).
     """
 
-    def __init__(self, prior: GaussianMixture, reward: Reward, beta: float, alphas_cumprod: Tensor):
+    def __init__(self, prior: GaussianMixture, reward: Reward, beta: float, parameterization):
         if not isinstance(reward, (GaussianReward, LinearReward)):
             raise ValueError(f"the exact flow score needs a gaussian or linear reward, not {type(reward).__name__}")
         self.prior = prior
         self.tilted = reward.tilt(prior, beta)
-        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        self.parameterization = parameterization
 
     def __call__(self, x: Tensor, timestep: Tensor) -> Tensor:
-        """∇_x log F̃_t(x) at each sample's diffusion timestep t (long, (B,)) → the shape and dtype of x."""
-        abar = self.alphas_cumprod[timestep.cpu()]
+        """∇_x log F̃_t(x) at each sample's model time t ((B,)) → the shape and dtype of x."""
+        signal, noise = self.parameterization.marginal(timestep.cpu())
         x64 = x.detach().cpu().double()
-        score = self.tilted.score(x64, abar) - self.prior.score(x64, abar)
+        score = self.tilted.score_at(x64, signal, noise) - self.prior.score_at(x64, signal, noise)
         return score.to(device=x.device, dtype=x.dtype)

@@ -56,7 +56,8 @@ class Run:
         ``config`` built around them."""
         reward.set_prompts(backend.prompts)
         try:  # inconsistent combinations found while building (step counts, reward without gradients, …)
-            kernel = make_kernel(config.sampler.kind, backend.schedule, config.sampler.steps, config.sampler.eta)
+            sampler = config.sampler
+            kernel = make_kernel(sampler.kind, backend.parameterization, sampler.steps, sampler.eta, sampler.noise_level)
             method = build_method(config.method, backend, reward, kernel)
         except ValueError as error:
             raise ConfigError(f"invalid config:\n  {error}") from None
@@ -182,7 +183,7 @@ def _exact_flow_score(config: RunConfig, backend: Backend, reward: Reward) -> Ex
         return None
     if getattr(method, "prior_strength", None) != 1:
         return None
-    return ExactFlowScore(backend.mixture, reward, method.beta, backend.schedule.alphas_cumprod)
+    return ExactFlowScore(backend.mixture, reward, method.beta, backend.parameterization)
 
 
 def build_parts(config: RunConfig, backend: Backend | None = None, reward: Reward | None = None
