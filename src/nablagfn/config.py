@@ -17,6 +17,7 @@ from .backends.digits import DigitsModelConfig
 from .backends.gmm import GMMModelConfig, ScheduleConfig
 from .backends.prompts import PromptsConfig
 from .backends.stable_diffusion import StableDiffusionModelConfig
+from .backends.stable_diffusion_3 import StableDiffusion3ModelConfig
 from .config_base import StrictConfig
 from .errors import ConfigError
 from .eval.features import EvalConfig
@@ -26,6 +27,7 @@ from .methods.adjoint_matching import AdjointMatchingConfig
 from .methods.backprop import AlignPropConfig, DRaFTConfig, DRaFTLVConfig, ReFLConfig
 from .methods.base import RewardSmoothingConfig, SubsampleConfig
 from .methods.ddpo import DDPOConfig
+from .methods.flow_grpo import FlowGRPOConfig
 from .methods.detailed_balance import DAGDBConfig, ResidualDBConfig
 from .methods.graft import GRAFTConfig, PGRAFTConfig
 from .methods.nabla_db import NablaDBConfig
@@ -61,7 +63,7 @@ class RunConfig(StrictConfig):
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":
         model, reward = self.model.kind, self.reward.kind
-        if model == "stable_diffusion" and self.model.dtype == "auto":
+        if model in ("stable_diffusion", "stable_diffusion_3") and self.model.dtype == "auto":
             from .backends.stable_diffusion import resolve_dtype
 
             self.model.dtype = resolve_dtype("auto", self.train.device)
@@ -87,6 +89,13 @@ class RunConfig(StrictConfig):
         problem = _reward_gradient_problem(self.method.name, self.reward)
         if problem:
             raise ValueError(problem)
+        group_size = getattr(self.method, "group_size", None)
+        shards = self.train.data_shards or 1
+        if group_size is not None and (self.train.trajectories_per_epoch // shards) % group_size:
+            raise ValueError(
+                f"train.trajectories_per_epoch: {self.train.trajectories_per_epoch} over {shards} data shard(s) is not "
+                f"a multiple of method.group_size={group_size} per shard; make it one"
+            )
         return self
 
 
@@ -135,6 +144,7 @@ __all__ = [
     "DRaFTLVConfig",
     "DigitsModelConfig",
     "EvalConfig",
+    "FlowGRPOConfig",
     "GMMModelConfig",
     "GRAFTConfig",
     "GaussianRewardConfig",
@@ -158,6 +168,7 @@ __all__ = [
     "RunConfig",
     "SamplerConfig",
     "ScheduleConfig",
+    "StableDiffusion3ModelConfig",
     "StableDiffusionModelConfig",
     "SubsampleConfig",
     "TrainConfig",

@@ -18,7 +18,8 @@ class Trajectories:
     ``states[:, k]`` is state k (k = 0 noise, k = K sample) at diffusion timestep
     ``timesteps[:, k]``; ``eps[:, i]`` the behaviour policy's (guided) ε at step i;
     ``log_probs[:, i]`` its log P_F of the step actually taken; ``cond`` one
-    conditioning id per trajectory.
+    conditioning id per trajectory; ``advantage`` a method's per-trajectory advantage, set once per epoch
+    (``Method.prepare_epoch``; Flow-GRPO's group-normalised rewards).
     """
 
     states: Tensor  # (B, K + 1, *shape)
@@ -27,6 +28,7 @@ class Trajectories:
     log_probs: Tensor  # (B, K)
     cond: Tensor  # (B,) long
     log_reward: Tensor | None = None  # (B,) log R of the final states, filled by the run that sampled them
+    advantage: Tensor | None = None  # (B,)
 
     def __len__(self) -> int:
         return self.states.shape[0]

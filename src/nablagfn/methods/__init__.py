@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "residual_db": "detailed_balance:ResidualDB",
     "dag_db": "detailed_balance:DAGDB",
     "ddpo": "ddpo:DDPO",
+    "flow_grpo": "flow_grpo:FlowGRPO",
     "refl": "backprop:ReFL",
     "draft": "backprop:DRaFT",
     "draft_lv": "backprop:DRaFTLV",

@@ -123,6 +123,15 @@ class Method:
         """Named groups, each with its own optimiser settings: ``policy`` and (if any) ``flow``."""
         return {"policy": self.backend.trainable_parameters()}
 
+    def epoch_conditions(self, num: int, generator: torch.Generator) -> Tensor:
+        """The conditioning ids of an epoch's ``num`` trajectories (default: the backend's draw; Flow-GRPO: groups)."""
+        return self.backend.sample_conditions(num, generator)
+
+    def prepare_epoch(self, trajectories: Trajectories) -> Trajectories:
+        """Called by the trainer on each freshly sampled epoch (with its log-rewards), before any minibatch is drawn
+        from it: per-epoch statistics such as group advantages go here. Default: unchanged."""
+        return trajectories
+
     def trajectory_loss(self, trajectories: Trajectories, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         """The loss of a minibatch of recorded trajectories (with their final ``log_reward``).
 

@@ -374,10 +374,10 @@ class Trainer:
     def _sample_shard(self, shard: Shard) -> EpochData:
         run = self.run
         size = self.config.train.trajectories_per_epoch // self.config.train.data_shards
-        cond = run.backend.sample_conditions(size, shard.generator)
+        cond = run.method.epoch_conditions(size, shard.generator)
         if run.method.draws_own_chains:
             return EpochConditions(cond)
-        return run.rollout(cond, shard.generator)
+        return run.method.prepare_epoch(run.rollout(cond, shard.generator))
 
     def sample_epoch(self) -> None:
         """Sample this epoch's trajectories, ``train.trajectories_per_epoch`` over the shards, with the current policy
