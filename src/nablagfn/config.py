@@ -27,8 +27,8 @@ from .methods.adjoint_matching import AdjointMatchingConfig
 from .methods.backprop import AlignPropConfig, DRaFTConfig, DRaFTLVConfig, ReFLConfig
 from .methods.base import RewardSmoothingConfig, SubsampleConfig
 from .methods.ddpo import DDPOConfig
-from .methods.flow_grpo import FlowGRPOConfig
 from .methods.detailed_balance import DAGDBConfig, ResidualDBConfig
+from .methods.flow_grpo import FlowGRPOConfig
 from .methods.graft import GRAFTConfig, PGRAFTConfig
 from .methods.nabla_db import NablaDBConfig
 from .methods.residual_nabla_db import ResidualNablaDBConfig

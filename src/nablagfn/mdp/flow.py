@@ -55,7 +55,6 @@ import torch
 from torch import Tensor
 
 from .gaussian import GaussianKernel
-from .shapes import per_sample
 
 
 class FlowMatchKernel(GaussianKernel):
