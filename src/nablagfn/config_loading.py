@@ -135,7 +135,8 @@ DEFAULT_MODEL = "digits"
 
 
 #: the reward used when a config names a model but no reward kind
-DEFAULT_REWARD = {"gmm": "gaussian", "digits": "classifier", "stable_diffusion": "aesthetic"}
+DEFAULT_REWARD = {"gmm": "gaussian", "digits": "classifier", "stable_diffusion": "aesthetic",
+                  "stable_diffusion_3": "aesthetic"}
 
 
 #: defaults that depend on model.kind, applied beneath the user's own values (listed in docs/config.md)
@@ -183,6 +184,10 @@ REWARD_PRESETS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
     ("stable_diffusion", "hpsv2"): {"method": {"beta": 1e4, "output_reg": 1e2}},
     ("stable_diffusion", "imagereward"): {"method": {"beta": 1e3, "output_reg": 1e2}},
 }
+# SD3: SD 1.5's settings, a starting point (nothing published for SD3, not yet run on it by this project)
+MODEL_PRESETS["stable_diffusion_3"] = MODEL_PRESETS["stable_diffusion"]
+REWARD_PRESETS.update({("stable_diffusion_3", reward): preset for (model, reward), preset in REWARD_PRESETS.items()
+                       if model == "stable_diffusion"})
 
 
 def _with_defaults(defaults: dict, tree: dict) -> dict:

@@ -1,9 +1,10 @@
-"""A finetuned Stable Diffusion run out to diffusers: the LoRA adapter, or a full pipeline with it fused.
+"""A finetuned Stable Diffusion (1.x/2.x or 3) run out to diffusers: the LoRA adapter, or a full pipeline with it fused.
 
-``export_lora(run_dir, out)`` writes ``pytorch_lora_weights.safetensors`` in the format
-``StableDiffusionPipeline.load_lora_weights(out)`` reads (peft keys converted as diffusers' own training
-scripts do, with the adapter's rank and alpha as metadata); with ``merge=True`` it writes the base pipeline
-with the LoRA fused into its UNet (``save_pretrained``; load it with ``StableDiffusionPipeline.from_pretrained``).
+``export_lora(run_dir, out)`` writes ``pytorch_lora_weights.safetensors`` in the format the pipeline's
+``load_lora_weights(out)`` reads (``StableDiffusionPipeline``: the UNet's peft keys converted as diffusers' own
+training scripts do; ``StableDiffusion3Pipeline``: the transformer's peft keys, as diffusers' SD3 LoRA script saves
+them; either with the adapter's rank and alpha as metadata); with ``merge=True`` it writes the base pipeline with the
+LoRA fused into its UNet or transformer (``save_pretrained``; load it with the pipeline's ``from_pretrained``).
 Either way ``README.md`` is a short model card: base model, reward, β, method, updates, final metrics.
 """
 
@@ -14,6 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 
 from .errors import ConfigError
@@ -21,6 +23,8 @@ from .train.run import Run, load_run
 
 #: the file diffusers' ``load_lora_weights`` looks for in a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"
+#: model.kind → the diffusers pipeline class its LoRA loads into
+PIPELINES = {"stable_diffusion": "StableDiffusionPipeline", "stable_diffusion_3": "StableDiffusion3Pipeline"}
 
 
 def export_lora(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, merge: bool = False,
@@ -28,7 +32,7 @@ def export_lora(run_dir: str | Path, out: str | Path, checkpoint: str | Path | N
     """Write a run's LoRA (or, with ``merge``, the pipeline with it fused) to ``out`` for diffusers.
 
     Args:
-        run_dir: a Stable Diffusion run directory.
+        run_dir: a Stable Diffusion (``stable_diffusion`` or ``stable_diffusion_3``) run directory.
         out: the directory to write (created; files of the same names are replaced).
         checkpoint: the checkpoint to export (default: the run's latest).
         merge: write a full pipeline with the LoRA fused instead of the adapter alone.
@@ -40,13 +44,14 @@ def export_lora(run_dir: str | Path, out: str | Path, checkpoint: str | Path | N
     run_dir, out = Path(run_dir), Path(out)
     if run is None:
         config = _read_config(run_dir)
-        if config.get("model", {}).get("kind") != "stable_diffusion":
-            raise ConfigError(f"{run_dir}: export writes a diffusers LoRA, which needs model.kind=stable_diffusion "
-                              f"(this run has model.kind={config.get('model', {}).get('kind')})")
+        if config.get("model", {}).get("kind") not in PIPELINES:
+            raise ConfigError(f"{run_dir}: export writes a diffusers LoRA, which needs model.kind=stable_diffusion or "
+                              f"stable_diffusion_3 (this run has model.kind={config.get('model', {}).get('kind')})")
         run = _load_for_export(run_dir, checkpoint, config)
     from .backends.stable_diffusion import StableDiffusionBackend
+    from .backends.stable_diffusion_3 import StableDiffusion3Backend
 
-    if not isinstance(run.backend, StableDiffusionBackend):
+    if not isinstance(run.backend, (StableDiffusionBackend, StableDiffusion3Backend)):
         raise ConfigError(f"{run_dir}: export writes a diffusers LoRA, which needs a Stable Diffusion run")
     out.mkdir(parents=True, exist_ok=True)
     if merge:
@@ -60,38 +65,51 @@ def export_lora(run_dir: str | Path, out: str | Path, checkpoint: str | Path | N
 
 
 def save_adapter(run: Run, out: Path) -> Path:
-    """The UNet's LoRA of ``run`` as diffusers saves one (``save_lora_weights``), with its rank and alpha."""
-    from diffusers import StableDiffusionPipeline
+    """The UNet's (or SD3 transformer's) LoRA of ``run`` as diffusers saves one (``save_lora_weights``), with its
+    rank and alpha."""
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet = run.backend.unet
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    pipeline = getattr(diffusers, PIPELINES[run.config.model.kind])
+    if run.config.model.kind == "stable_diffusion_3":  # peft keys, as diffusers' SD3 LoRA script saves them
+        model, component = run.backend.transformer, "transformer"
+        layers = get_peft_model_state_dict(model)
+    else:
+        model, component = run.backend.unet, "unet"
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
     layers = {name: tensor.detach().float().cpu().contiguous() for name, tensor in layers.items()}
     options = {}
-    lora = unet.peft_config["default"]
-    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
-        options["unet_lora_adapter_metadata"] = lora.to_dict()  # rank and alpha, read back by load_lora_weights
+    lora = model.peft_config["default"]
+    if f"{component}_lora_adapter_metadata" in inspect.signature(pipeline.save_lora_weights).parameters:
+        options[f"{component}_lora_adapter_metadata"] = lora.to_dict()  # rank and alpha, read by load_lora_weights
     elif lora.lora_alpha != lora.r:
         raise ConfigError(f"model.lora_alpha: this diffusers cannot record alpha ({lora.lora_alpha}) ≠ rank ({lora.r}) "
                           "with the LoRA; upgrade diffusers (≥ 0.35) to export it")
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True, **options)
+    pipeline.save_lora_weights(out, safe_serialization=True, **{f"{component}_lora_layers": layers}, **options)
     return out / LORA_FILE
 
 
 def _save_merged(run: Run, adapter_dir: Path, out: Path) -> None:
-    """The base pipeline of ``run`` (``model.path``, the run's dtype) with the adapter fused, saved to ``out``."""
-    from diffusers import StableDiffusionPipeline
+    """The base pipeline of ``run`` (``model.path``, the run's dtype; without T5 if the run had none) with the adapter
+    fused, saved to ``out``."""
+    import diffusers
 
     from .backends.stable_diffusion import DTYPES
 
     model = run.config.model
     dtype = DTYPES[model.dtype]
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(model.path, revision=model.revision, safety_checker=None,
-                                                       requires_safety_checker=False)  # fp32
-    except OSError as error:
-        raise ConfigError(f"model.path: cannot load the base pipeline {model.path!r} to merge into ({error})") from None
+    if model.kind == "stable_diffusion_3":
+        from .backends.stable_diffusion_3 import load_pipeline
+
+        pipe = load_pipeline(model.path, model.revision, torch.float32, model.t5)
+    else:
+        try:
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(model.path, revision=model.revision,
+                                                                     safety_checker=None,
+                                                                     requires_safety_checker=False)  # fp32
+        except OSError as error:
+            raise ConfigError(f"model.path: cannot load the base pipeline {model.path!r} to merge into ({error})") from None
     pipe.load_lora_weights(adapter_dir, adapter_name="nablagfn")
     pipe.fuse_lora(adapter_names=["nablagfn"])  # in fp32, then cast to the run's dtype
     pipe.unload_lora_weights()
@@ -122,9 +140,15 @@ def model_card(run: Run, run_dir: Path, merged: bool) -> str:
     if metrics:
         lines += ["", "Final evaluation (`eval.json`):", ""]
         lines += [f"- {key}: {value:.4g}" for key, value in metrics.items() if isinstance(value, (int, float))]
-    load = ("pipe = StableDiffusionPipeline.from_pretrained(DIR)" if merged else
-            f"pipe = StableDiffusionPipeline.from_pretrained({config.model.path!r})\npipe.load_lora_weights(DIR)")
-    lines += ["", "Load with diffusers:", "", "```python", "from diffusers import StableDiffusionPipeline", load, "```", ""]
+    pipeline = PIPELINES[config.model.kind]
+    no_t5 = config.model.kind == "stable_diffusion_3" and run.backend.text_encoder_3 is None
+    without_t5 = ", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""
+    load = (f"pipe = {pipeline}.from_pretrained(DIR{without_t5})" if merged else
+            f"pipe = {pipeline}.from_pretrained({config.model.path!r}{without_t5})\npipe.load_lora_weights(DIR)")
+    if no_t5:
+        lines += ["", "Trained without the T5 text encoder (`model.t5: false`, or a base pipeline without one): load "
+                  "the pipeline without it, as below."]
+    lines += ["", "Load with diffusers:", "", "```python", f"from diffusers import {pipeline}", load, "```", ""]
     return "\n".join(lines)
 
 

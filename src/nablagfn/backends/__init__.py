@@ -15,6 +15,7 @@ BACKENDS: dict[str, str] = {
     "gmm": "gmm:GaussianMixtureBackend",
     "digits": "digits:DigitsBackend",
     "stable_diffusion": "stable_diffusion:StableDiffusionBackend",
+    "stable_diffusion_3": "stable_diffusion_3:StableDiffusion3Backend",
 }
 
 

@@ -46,6 +46,13 @@ class PromptTable:
     train_ids: Tensor  # long, sorted
     eval_ids: Tensor  # long, sorted; the training ids when nothing is held out
 
+    def draw(self, num: int, generator: torch.Generator, split: str = "train") -> Tensor:
+        """``num`` ids drawn uniformly (with replacement) from the ``train`` or held-out ``eval`` split."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        ids = self.train_ids if split == "train" else self.eval_ids
+        return ids[torch.randint(len(ids), (num,), generator=generator)]
+
 
 def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]

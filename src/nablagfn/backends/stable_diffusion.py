@@ -148,6 +148,41 @@ def checkpoint_with_adapter_state(block: nn.Module, *args):
     )
 
 
+def decode_latents(vae: nn.Module, x: Tensor) -> Tensor:
+    """Latents → images in [0, 1] (B, 3, H, W), fp32, differentiable: the VAE decode of x / scaling_factor
+    (+ shift_factor, SD3's), as diffusers' pipelines decode."""
+    vae_config = vae.config
+    latents = x / vae_config.scaling_factor
+    if getattr(vae_config, "shift_factor", None):
+        latents = latents + vae_config.shift_factor
+    image = vae.decode(latents.to(vae.dtype)).sample
+    return ((image.float() + 1) / 2).clamp(0, 1)
+
+
+def flow_score_unet(sample_shape: tuple[int, ...], channels: tuple[int, ...], cross_attention_dim: int,
+                    gradient_checkpointing: bool = False) -> nn.Module:
+    """g_φ's network: a UNet2DConditionModel on latents of ``sample_shape`` with widths ``channels`` (one layer per
+    block, cross-attention to text embeddings of width ``cross_attention_dim`` in all but the last), fp32."""
+    from diffusers import UNet2DConditionModel
+
+    blocks = len(channels)
+    unet = UNet2DConditionModel(
+        sample_size=sample_shape[1:],
+        in_channels=sample_shape[0],
+        out_channels=sample_shape[0],
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (blocks - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (blocks - 1),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,  # diffusers' legacy name: the number of heads
+        norm_num_groups=math.gcd(32, *channels),
+    )
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
 class FlowScoreUNet(nn.Module):
     """g_φ(x, t, cond): a small text-conditioned UNet with the latent's shape as output, exactly zero at start.
 
@@ -383,18 +418,10 @@ class StableDiffusionBackend(Backend):
 
     def decode(self, x: Tensor) -> Tensor:
         """Latents → images in [0, 1] (B, 3, H, W), fp32, differentiable: VAE decode of x / scaling_factor."""
-        vae_config = self.vae.config
-        latents = x / vae_config.scaling_factor
-        if getattr(vae_config, "shift_factor", None):
-            latents = latents + vae_config.shift_factor
-        image = self.vae.decode(latents.to(self.vae.dtype)).sample
-        return ((image.float() + 1) / 2).clamp(0, 1)
+        return decode_latents(self.vae, x)
 
     def sample_conditions(self, num: int, generator: torch.Generator, split: str = "train") -> Tensor:
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        ids = self.prompt_table.train_ids if split == "train" else self.prompt_table.eval_ids
-        return ids[torch.randint(len(ids), (num,), generator=generator)]
+        return self.prompt_table.draw(num, generator, split)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self._trainable)
@@ -402,22 +429,6 @@ class StableDiffusionBackend(Backend):
     def make_flow_score_net(self) -> nn.Module:
         """A UNet2DConditionModel with widths ``flow_channels`` (one layer per block, cross-attention to the
         prompt embeddings), fp32, its output layer zeroed."""
-        from diffusers import UNet2DConditionModel
-
-        channels = self.flow_channels
-        blocks = len(channels)
-        unet = UNet2DConditionModel(
-            sample_size=self.sample_shape[1:],
-            in_channels=self.sample_shape[0],
-            out_channels=self.sample_shape[0],
-            block_out_channels=channels,
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D",) * (blocks - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (blocks - 1),
-            cross_attention_dim=self.text_encoder.config.hidden_size,
-            attention_head_dim=8,  # diffusers' legacy name: the number of heads
-            norm_num_groups=math.gcd(32, *channels),
-        )
-        if self.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        unet = flow_score_unet(self.sample_shape, self.flow_channels, self.text_encoder.config.hidden_size,
+                               self.gradient_checkpointing)
         return FlowScoreUNet(unet, self.text_embeddings)
