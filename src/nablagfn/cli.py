@@ -168,7 +168,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_lora(Path(args.run_dir), Path(args.out), args.checkpoint, merge=args.merge)
     if args.merge:
         print(f"wrote a diffusers pipeline with the LoRA fused to {out}; "
-              f"load it with StableDiffusionPipeline.from_pretrained({str(out)!r})")
+              f"load it with diffusers' from_pretrained as {out / 'README.md'} shows")
     else:
         print(f"wrote {out / LORA_FILE}; load it with pipe.load_lora_weights({str(out)!r})")
     return 0
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", help="write a Stable Diffusion run's LoRA for diffusers (or a pipeline with it fused)",
         description="Write RUN_DIR's LoRA as diffusers loads it (pipe.load_lora_weights(OUT)), or with --merge the "
-        "base pipeline with the LoRA fused (StableDiffusionPipeline.from_pretrained(OUT)); plus a model card.",
+        "base pipeline with the LoRA fused (DiffusionPipeline.from_pretrained(OUT)); plus a model card.",
     )
     export.add_argument("run_dir")
     export.add_argument("--out", required=True, help="directory to write")
