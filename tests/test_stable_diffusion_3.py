@@ -196,12 +196,26 @@ def test_t5_is_optional_and_each_prompt_is_encoded_once(pipeline_dir, tmp_path):
     assert torch.isfinite(saved_without.eps(latents(1), torch.tensor([500.0]), torch.tensor([2]))).all()
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16)])
-def test_base_weights_in_model_dtype_and_lora_in_fp32(pipeline_dir, dtype, torch_dtype):
-    backend = make_backend(pipeline_dir, f"model.dtype={dtype}")
+def test_from_a_pipeline_in_memory(pipeline_dir):
+    """The LoRA goes on the pipeline's own transformer; model.t5=false leaves T5 out of the backend's view only."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir)
+    backend = StableDiffusion3Backend.from_pipeline(pipe, ["a red fox", "a blue whale"], t5=False, lora_rank=2,
+                                                    max_sequence_length=16)
+    assert backend.transformer is pipe.transformer and backend.text_encoder_3 is None
+    assert pipe.text_encoder_3 is not None and backend.prompts == ["a red fox", "a blue whale"]
+    description = backend.describe()
+    assert (description.kind, description.path, description.t5, description.lora_rank) == (
+        "stable_diffusion_3", str(pipeline_dir), False, 2)
+    assert torch.isfinite(backend.eps(latents(2), torch.tensor([900.0, 100.0]), torch.tensor([0, 1]))).all()
+
+
+def test_base_weights_in_bf16_and_lora_in_fp32(pipeline_dir):
+    backend = make_backend(pipeline_dir, "model.dtype=bf16")
     trainable = {id(p) for p in backend.trainable_parameters()}
     assert all(p.dtype == torch.float32 for p in backend.trainable_parameters())
-    assert all(p.dtype == torch_dtype for p in backend.parameters() if id(p) not in trainable)
+    assert all(p.dtype == torch.bfloat16 for p in backend.parameters() if id(p) not in trainable)
     velocity, image = backend.eps(latents(2), torch.tensor([700.0, 20.0]), torch.tensor([0, 1])), backend.decode(latents(2))
     assert velocity.dtype == image.dtype == torch.float32
     assert torch.isfinite(velocity).all() and torch.isfinite(image).all()

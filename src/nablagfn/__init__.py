@@ -6,7 +6,8 @@ The command line (``nablagfn train …``) builds the same objects as this API fr
 The API, in the order one uses it:
 
 * **Models** (``Backend``): ``GaussianMixtureBackend.from_mixture(means, stds)`` (exact ground truth), ``DigitsBackend.pretrained()``,
-  ``StableDiffusionBackend.from_pipeline(pipe)`` for a diffusers pipeline in memory, or ``build_backend(config)``.
+  ``StableDiffusionBackend.from_pipeline(pipe)`` (``StableDiffusion3Backend.from_pipeline(pipe)`` for SD3) for a
+  diffusers pipeline in memory, or ``build_backend(config)``.
 * **Rewards** (``Reward``): ``CallableReward(fn)`` for your own ``fn(images, prompts) -> log R``, the built-in
   ones through ``build_reward(config)`` (``AestheticRewardConfig``, ``HPSv2RewardConfig`` …).
 * **Methods**: their config objects, e.g. ``ResidualNablaDBConfig(beta=1.0)``, ``DDPOConfig()``.
@@ -21,6 +22,7 @@ Configs: ``RunConfig`` and its sections, ``load_config(path, overrides)``; every
 from .backends import Backend, GaussianMixture, GaussianMixtureBackend, build_backend
 from .backends.digits import DigitsBackend
 from .backends.stable_diffusion import StableDiffusionBackend
+from .backends.stable_diffusion_3 import StableDiffusion3Backend
 from .config import (
     AdjointMatchingConfig,
     AestheticRewardConfig,
@@ -51,6 +53,7 @@ from .config import (
     ResidualNablaDBConfig,
     RunConfig,
     SamplerConfig,
+    StableDiffusion3ModelConfig,
     StableDiffusionModelConfig,
     TrainConfig,
 )
@@ -104,6 +107,8 @@ __all__ = [
     "Run",
     "RunConfig",
     "SamplerConfig",
+    "StableDiffusion3Backend",
+    "StableDiffusion3ModelConfig",
     "StableDiffusionBackend",
     "StableDiffusionModelConfig",
     "TrainConfig",
