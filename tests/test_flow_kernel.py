@@ -12,7 +12,7 @@ from conftest import check_noising_kernel
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from nablagfn.eval.gmm import mode_weight_tv
-from nablagfn.mdp import FlowCPSKernel, FlowSDEKernel, NoisingKernel
+from nablagfn.mdp import FlowCPSKernel, FlowDDPMKernel, FlowSDEKernel, NoisingKernel
 from nablagfn.mixture import GaussianMixture
 
 _ANGLES = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
@@ -29,11 +29,14 @@ MIXTURES = {"ring": RING, "asymmetric": ASYMMETRIC}
 
 @functools.cache
 def kernel(kind: str, steps: int, noise_level: float, shift: float = 1.0):
+    if kind == "ddpm":
+        return FlowDDPMKernel(steps, shift=shift)
     cls = {"sde": FlowSDEKernel, "cps": FlowCPSKernel}[kind]
     return cls(steps, noise_level=noise_level, shift=shift)
 
 
-KERNELS = [("sde", 10, 0.7, 1.0), ("sde", 20, 1.0, 3.0), ("sde", 7, 0.3, 3.0), ("cps", 10, 0.7, 3.0)]
+KERNELS = [("sde", 10, 0.7, 1.0), ("sde", 20, 1.0, 3.0), ("sde", 7, 0.3, 3.0), ("cps", 10, 0.7, 3.0),
+           ("ddpm", 10, 0.0, 1.0), ("ddpm", 12, 0.0, 3.0)]
 
 
 def _scheduler(steps: int, shift: float):
@@ -99,7 +102,8 @@ def _flow_cps_reference(x, v, sigmas, i, noise_level):
     return x0 * (1 - sigma_prev) + x1 * math.sqrt(max(sigma_prev**2 - std**2, 0.0)), std
 
 
-@pytest.mark.parametrize("kind,steps,noise_level,shift", KERNELS + [("cps", 6, 1.0, 1.0), ("sde", 1, 0.7, 1.0)])
+@pytest.mark.parametrize("kind,steps,noise_level,shift",
+                         [k for k in KERNELS if k[0] != "ddpm"] + [("cps", 6, 1.0, 1.0), ("sde", 1, 0.7, 1.0)])
 def test_tables_reproduce_the_published_step(kind, steps, noise_level, shift):
     k = kernel(kind, steps, noise_level, shift)
     reference = _flow_grpo_sde_reference if kind == "sde" else _flow_cps_reference
@@ -384,6 +388,39 @@ def test_flow_sde_with_the_exact_velocity_samples_the_mixture(name, noise_level,
     samples = _sample(kernel("sde", steps, noise_level, 1.0), mixture, seed=steps + int(100 * noise_level))
     tv = mode_weight_tv(samples, reference, mixture)
     assert tv <= _limit(floor), f"mode TV {tv:.4f} vs two-sample floor {floor:.4f}"
+
+
+@pytest.mark.parametrize("name", list(MIXTURES))
+@pytest.mark.parametrize("steps", [20, 50])
+def test_flow_ddpm_with_the_exact_velocity_samples_the_mixture(name, steps):
+    mixture = MIXTURES[name]
+    reference, floor = _reference(name)
+    tv = mode_weight_tv(_sample(kernel("ddpm", steps, 0.0, 1.0), mixture, seed=steps), reference, mixture)
+    assert tv <= _limit(floor), f"mode TV {tv:.4f} vs two-sample floor {floor:.4f}"
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_ddpm_step_is_the_posterior_of_the_interpolant_noising(shift):
+    """For data x₀ and x_σ' = (1 − σ') x₀ + σ' ε', x_σ = c x_σ' + √w z: the step with the velocity that predicts x₀
+    exactly (x̂₀ = x₀) is the Gaussian conditional of x_σ' given (x_σ, x₀), computed here from the joint covariance."""
+    k = kernel("ddpm", 10, 0.0, shift)
+    for i in range(k.num_steps - 1):  # the last step keeps a tiny std instead of the (zero) posterior one
+        sigma, sigma_next = float(k.sigma[i]), float(k.sigma_next[i])
+        coef = (1 - sigma) / (1 - sigma_next)
+        w = sigma**2 - coef**2 * sigma_next**2
+        # (x_σ', x_σ) given x₀ are jointly Gaussian per element: var σ'², cov c σ'², var σ²
+        gain = coef * sigma_next**2 / sigma**2
+        posterior_var = sigma_next**2 - gain * coef * sigma_next**2
+        x0, x = torch.tensor([0.7], dtype=torch.float64), torch.tensor([-0.4], dtype=torch.float64)
+        posterior_mean = (1 - sigma_next) * x0 + gain * (x - (1 - sigma) * x0)
+        velocity = (x - x0) / sigma  # x̂₀ = x − σ v = x₀
+        mean = k.mean(x[None], velocity[None], torch.tensor([i]))
+        torch.testing.assert_close(mean[0], posterior_mean, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(k.std[i] ** 2, torch.tensor(posterior_var, dtype=torch.float64), rtol=1e-9,
+                                   atol=1e-15)
+        assert w > 0
+    last = float(k.sigma[-1])  # to σ = 0: the Flow-SDE's std at a = √2, g√σ with g² = 2σ/(1 − σ)
+    assert float(k.std[-1]) == pytest.approx(last * math.sqrt(2 / (1 - last)), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", list(MIXTURES))

@@ -6,7 +6,7 @@ step i goes from state i to state i + 1. Diffusion timesteps t decrease along it
 
 from .ddim import DDIMKernel
 from .dpm_solver import SDEDPMSolverKernel
-from .flow import FlowCPSKernel, FlowMatchKernel, FlowSDEKernel
+from .flow import FlowCPSKernel, FlowDDPMKernel, FlowMatchKernel, FlowSDEKernel
 from .gaussian import GaussianKernel
 from .noising import NoisingKernel
 from .parameterization import EpsilonParameterization, FlowParameterization, Parameterization
@@ -14,7 +14,7 @@ from .rollout import Trajectories, rollout
 from .schedules import NoiseSchedule
 
 #: sampler kinds by the model parameterization they sample
-KERNEL_KINDS = {"eps": ("ddpm", "ddim", "dpm_solver"), "flow": ("flow_sde", "flow_cps")}
+KERNEL_KINDS = {"eps": ("ddpm", "ddim", "dpm_solver"), "flow": ("flow_sde", "flow_ddpm", "flow_cps")}
 
 
 def make_kernel(
@@ -39,6 +39,8 @@ def make_kernel(
         return DDIMKernel(parameterization.schedule, steps, eta)
     if kind == "dpm_solver":
         return SDEDPMSolverKernel(parameterization.schedule, steps)
+    if kind == "flow_ddpm":
+        return FlowDDPMKernel(steps, parameterization.shift, parameterization.num_train_timesteps)
     flow_kernel = FlowSDEKernel if kind == "flow_sde" else FlowCPSKernel
     return flow_kernel(steps, noise_level, parameterization.shift, parameterization.num_train_timesteps)
 
@@ -46,6 +48,7 @@ def make_kernel(
 __all__ = [
     "DDIMKernel",
     "FlowCPSKernel",
+    "FlowDDPMKernel",
     "FlowMatchKernel",
     "EpsilonParameterization",
     "FlowParameterization",

@@ -26,6 +26,18 @@ diffusers' scheduler after ``set_timesteps(num_steps)``, not re-derived.
 (the drift is v − (g²/2)·∇log p_σ with the score written through the velocity, ∇log p_σ(x) = −(x + (1 − σ) v)/σ).
 With a = 0 it is the Euler ODE step x' = x + v dt; its steps are then deterministic (sampling only, no log-probs).
 
+**Flow-DDPM** (the flow analogue of the paper's DDPM sampler): the exact posterior of the interpolant's own Markov
+noising process, q(x_σ' | x_σ, x₀ = x̂₀). That process goes from σ' to σ > σ' by x_σ = c x_σ' + √w z with
+c = (1 − σ)/(1 − σ'), w = σ² − c² σ'², and its posterior is::
+
+    std² = σ'² w / σ²,      μ = (1 − σ') x̂₀ + √(σ'² − std²) ε̂,      x̂₀ = x − σ v,  ε̂ = x + (1 − σ) v
+
+(DDIM with η = 1 in the interpolant's coefficients). Its pretrained chain is the time reversal of the noising
+process, so its flow E[R(x_K) | x_k] is the noised-data flow E[R(x₀) | x_σ] — what residual ∇-DB's default policy
+target and Adjoint Matching assume (for ε-models the DDPM sampler has this property; the Flow-SDE has it only in the
+continuous limit at a = √2). The last step (σ' = 0) would be deterministic; it keeps the Flow-SDE's tiny std at
+a = √2, σ_{K−1}·√(2/(1 − σ_{K−1})), so it has a log-probability.
+
 **Flow-CPS** (coefficients-preserving sampling, Flow-GRPO's later variant; a DDIM-like step)::
 
     s    = σ_next · sin(aπ/2)
@@ -139,6 +151,25 @@ class FlowSDEKernel(FlowMatchKernel):
         self.x_coef = 1 + diffusion**2 * dt / (2 * sigma)
         self.eps_coef = (1 + diffusion**2 * (1 - sigma) / (2 * sigma)) * dt
         self.std = diffusion * (-dt).sqrt()
+
+
+class FlowDDPMKernel(FlowMatchKernel):
+    """The interpolant's posterior step (see the module docstring): memoryless, the flow analogue of DDPM."""
+
+    name = "flow_ddpm"
+
+    def __init__(self, num_steps: int = 50, shift: float = 1.0, num_train_timesteps: int = 1000):
+        super().__init__(num_steps, shift, num_train_timesteps)
+        sigma, sigma_next = self.sigma, self.sigma_next
+        coef = (1 - sigma) / (1 - sigma_next)
+        variance = sigma_next**2 * (sigma**2 - coef**2 * sigma_next**2) / sigma**2
+        last = sigma_next == 0
+        variance = torch.where(last, 2 * sigma**2 / (1 - sigma), variance)
+        noise_coef = (sigma_next**2 - variance).clamp(min=0).sqrt()  # of ε̂; 0 at the last step
+        # μ = (1 − σ')(x − σ v) + n (x + (1 − σ) v)
+        self.x_coef = (1 - sigma_next) + noise_coef
+        self.eps_coef = -sigma * (1 - sigma_next) + noise_coef * (1 - sigma)
+        self.std = variance.sqrt()
 
 
 class FlowCPSKernel(FlowMatchKernel):

@@ -46,7 +46,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..config_base import StrictConfig
-from ..mdp.flow import FlowMatchKernel, FlowSDEKernel
+from ..mdp.flow import FlowDDPMKernel, FlowMatchKernel, FlowSDEKernel
 from ..mdp.rollout import Trajectories
 from .base import Method, RewardSmoothingConfig, SubsampleConfig, batch_mean, subsample_steps
 
@@ -79,8 +79,10 @@ MEMORYLESS_FLOW_NOISE_LEVEL = math.sqrt(2)
 
 def memoryless_problem(kernel) -> str | None:
     """Why the kernel is not a memoryless sampler, or None if it is: for an ε-model, the DDPM posterior step
-    q(x_prev | x_t, x̂0) on its own timesteps; for a flow model, the Flow-SDE with noise level √2 (g² = 2σ/(1 − σ),
-    Adjoint Matching's memoryless schedule for the linear interpolant)."""
+    q(x_prev | x_t, x̂0) on its own timesteps; for a flow model, its analogue ``flow_ddpm`` or the Flow-SDE with noise
+    level √2 (g² = 2σ/(1 − σ), Adjoint Matching's memoryless schedule for the linear interpolant)."""
+    if isinstance(kernel, FlowDDPMKernel):
+        return None
     if isinstance(kernel, FlowMatchKernel):
         if not isinstance(kernel, FlowSDEKernel):
             return f"sampler.kind={kernel.name} is not memoryless"
@@ -109,7 +111,7 @@ class AdjointMatching(Method):
         if problem is not None:
             eta = getattr(kernel, "eta", None)
             setting = f"sampler.kind={kernel.name}" + (f" with sampler.eta={eta:g}" if eta is not None else "")
-            memoryless = ("sampler.kind=flow_sde with sampler.noise_level=1.4142135 (√2)"
+            memoryless = ("sampler.kind=flow_ddpm, or flow_sde with sampler.noise_level=1.4142135 (√2)"
                           if isinstance(kernel, FlowMatchKernel) else
                           "sampler.kind=ddpm or ddim with sampler.eta=1, or sampler.kind=dpm_solver")
             raise ValueError(
