@@ -100,12 +100,15 @@ class RunConfig(StrictConfig):
 
 
     def _sampler_matches_model(self) -> None:
-        """``sampler.kind`` defaults to ``flow_sde`` for flow models; a kind for the other parameterization is refused."""
+        """``sampler.kind`` defaults to ``flow_sde`` for flow models (``flow_ddpm`` for the methods that need a
+        memoryless sampler, ``FLOW_DDPM_METHODS``); a kind for the other parameterization is refused."""
         from .mdp import KERNEL_KINDS
 
         parameterization = getattr(self.model, "parameterization", "eps")
         if "kind" not in self.sampler.model_fields_set and parameterization == "flow":
-            self.sampler.kind = "flow_sde"
+            needs_memoryless = self.method.name in FLOW_DDPM_METHODS and (
+                getattr(self.method, "policy_target", "tilted_score") == "tilted_score")
+            self.sampler.kind = "flow_ddpm" if needs_memoryless else "flow_sde"
         if self.sampler.kind not in KERNEL_KINDS[parameterization]:
             raise ValueError(
                 f"sampler.kind: {self.sampler.kind} does not sample model.parameterization={parameterization}; "
@@ -114,6 +117,9 @@ class RunConfig(StrictConfig):
 
 
 VECTOR_REWARDS = ("gaussian", "linear")
+#: methods whose default flow sampler is ``flow_ddpm``: their losses assume a memoryless chain (residual ∇-DB's and
+#: ∇-DB's ``tilted_score`` policy target, Adjoint Matching)
+FLOW_DDPM_METHODS = ("residual_nabla_db", "nabla_db", "adjoint_matching")
 
 
 def _reward_gradient_problem(method: str, reward) -> str | None:

@@ -38,7 +38,6 @@ step from the earliest chosen one to the end.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -46,7 +45,8 @@ from pydantic import Field
 from torch import Tensor
 
 from ..config_base import StrictConfig
-from ..mdp.flow import FlowDDPMKernel, FlowMatchKernel, FlowSDEKernel
+from ..mdp.flow import FlowMatchKernel
+from ..mdp.memoryless import memoryless_problem
 from ..mdp.rollout import Trajectories
 from .base import Method, RewardSmoothingConfig, SubsampleConfig, batch_mean, subsample_steps
 
@@ -73,35 +73,6 @@ class AdjointMatchingConfig(StrictConfig):
     reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
 
 
-#: the Flow-SDE noise level whose diffusion g(σ)² = 2σ/(1 − σ) makes the flow sampler memoryless
-MEMORYLESS_FLOW_NOISE_LEVEL = math.sqrt(2)
-
-
-def memoryless_problem(kernel) -> str | None:
-    """Why the kernel is not a memoryless sampler, or None if it is: for an ε-model, the DDPM posterior step
-    q(x_prev | x_t, x̂0) on its own timesteps; for a flow model, its analogue ``flow_ddpm`` or the Flow-SDE with noise
-    level √2 (g² = 2σ/(1 − σ), Adjoint Matching's memoryless schedule for the linear interpolant)."""
-    if isinstance(kernel, FlowDDPMKernel):
-        return None
-    if isinstance(kernel, FlowMatchKernel):
-        if not isinstance(kernel, FlowSDEKernel):
-            return f"sampler.kind={kernel.name} is not memoryless"
-        if not math.isclose(kernel.noise_level, MEMORYLESS_FLOW_NOISE_LEVEL, rel_tol=1e-6):
-            return f"its noise level {kernel.noise_level:g} is not √2 = {MEMORYLESS_FLOW_NOISE_LEVEL:.6f}"
-        return None
-    signal, noise = kernel.state_signal.to(torch.float64), kernel.state_noise.to(torch.float64)
-    abar_t, abar_prev = signal[:-1] ** 2, signal[1:] ** 2
-    variance = noise[1:] ** 2 / noise[:-1] ** 2 * (1 - abar_t / abar_prev)
-    x_coef = (abar_prev / abar_t).sqrt()
-    eps_coef = (noise[1:] ** 2 - variance).clamp(min=0).sqrt() - (abar_prev / abar_t).sqrt() * noise[:-1]
-    checks = {"std": (kernel.std, variance.sqrt()), "x_coef": (kernel.x_coef, x_coef),
-              "eps_coef": (kernel.eps_coef, eps_coef)}
-    for name, (actual, ddpm) in checks.items():
-        if not torch.allclose(actual.to(torch.float64), ddpm, rtol=1e-6, atol=1e-9):
-            return f"its step {name} differs from DDPM's"
-    return None
-
-
 class AdjointMatching(Method):
     config_class = AdjointMatchingConfig
 
@@ -111,7 +82,7 @@ class AdjointMatching(Method):
         if problem is not None:
             eta = getattr(kernel, "eta", None)
             setting = f"sampler.kind={kernel.name}" + (f" with sampler.eta={eta:g}" if eta is not None else "")
-            memoryless = ("sampler.kind=flow_ddpm, or flow_sde with sampler.noise_level=1.4142135 (√2)"
+            memoryless = ("sampler.kind=flow_ddpm"
                           if isinstance(kernel, FlowMatchKernel) else
                           "sampler.kind=ddpm or ddim with sampler.eta=1, or sampler.kind=dpm_solver")
             raise ValueError(

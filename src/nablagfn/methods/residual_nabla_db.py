@@ -50,6 +50,8 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..config_base import StrictConfig
+from ..mdp.flow import FlowMatchKernel
+from ..mdp.memoryless import memoryless_problem
 from ..mdp.shapes import per_sample
 from .base import Method, RewardSmoothingConfig, SubsampleConfig, TransitionBatch, batch_mean
 
@@ -152,6 +154,13 @@ class ResidualNablaDB(Method):
 
     def __init__(self, config, backend, reward, kernel):
         super().__init__(config, backend, reward, kernel)
+        if getattr(config, "policy_target", None) == "tilted_score" and isinstance(kernel, FlowMatchKernel):
+            problem = memoryless_problem(kernel)
+            if problem is not None:
+                raise ValueError(
+                    f"method.policy_target: tilted_score needs a memoryless sampler on a flow model ({problem}); "
+                    "set sampler.kind=flow_ddpm, or method.policy_target=detailed_balance for this sampler"
+                )
         self.networks["flow_score"] = backend.make_flow_score_net().to(backend.device)  # g_φ, zero at start
 
     @property
