@@ -1,4 +1,5 @@
-"""Peak memory of Stable Diffusion 1.5 finetuning at the paper's full setting, estimated without a GPU.
+"""Peak memory of Stable Diffusion 1.5 finetuning at the paper's full setting (or of SD3-medium's), estimated without
+a GPU.
 
 Why an estimate: the paper's setting (512×512 images, 50-step DDPM, CFG 5, LoRA r8, the flow UNet, the aesthetic
 reward on CLIP ViT-L/14) needs a GPU to run, but which tensors exist at once does not depend on weight values nor on
@@ -15,12 +16,18 @@ needs more than that: its context (≈ 0.3–0.6 GB) and the caching allocator's
 tables add neither. Attention runs through ``scaled_dot_product_attention``; the estimate takes the CPU's fused
 kernel, which keeps the output and the log-sum-exp as CUDA's flash and memory-efficient kernels do.
 
+``--model sd3`` does the same for Stable Diffusion 3 medium (``sd3_architecture.py``: its transformer, VAE and two
+CLIP encoders at their published sizes with random weights, 1024 px, the method's flow sampler, 28 steps by default),
+without T5-XXL: its ≈ 9.5 GB of bf16 weights come on top of the tables when ``model.t5`` keeps it on the GPU.
+
 ``--check`` measures how close the estimate is where a measurement exists: the same update on real tensors on this
 CPU (at reduced settings), counted by the same dispatch mode and by the resident set's high-water mark.
 
     python benchmarks/sd_memory.py --out benchmarks/results/sd_scale/memory_estimate.json
     python benchmarks/sd_memory.py --methods residual_nabla_db dag_db ddpo draft --dtypes bf16 --checkpointing on
     python benchmarks/sd_memory.py --check --out benchmarks/results/sd_scale/memory_estimate_check.json
+    python benchmarks/sd_memory.py --model sd3 --dtypes bf16 --batch-sizes 1 2 \
+        --out benchmarks/results/sd_scale/sd3_memory_estimate.json
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ GB = 1e9
 #: tensors up to this many elements are computed for real under ``Estimate`` (indices, conditions, per-sample values)
 SMALL = 2**16
 METHODS = ["residual_nabla_db"]
+#: --model → (model.kind, name, sampler, default latent side, default steps)
+MODELS = {"sd15": ("stable_diffusion", "SD 1.5", "DDPM", 64, 50),
+          "sd3": ("stable_diffusion_3", "SD3-medium", "flow sampler", 128, 28)}
 BUDGETS_GB = (24, 40, 80)
 #: left out of a GPU's memory for what the estimate does not count: the CUDA context and the caching allocator's slack
 RESERVE_GB = 1.0
@@ -174,7 +184,7 @@ def write_aesthetic_tower(directory: Path) -> tuple[Path, Path]:
 def cell_overrides(args: argparse.Namespace, method: str, dtype: str, checkpointing: bool) -> list[str]:
     reward = (["reward.kind=aesthetic", f"reward.clip_model={args.clip_dir}", f"reward.head={args.head}"]
               if args.reward == "aesthetic" else ["reward.kind=brightness"])
-    return ["model.kind=stable_diffusion", f"model.path={args.sd_path}", f"model.dtype={dtype}",
+    return [f"model.kind={MODELS[args.model][0]}", f"model.path={args.sd_path}", f"model.dtype={dtype}",
             f"model.gradient_checkpointing={str(checkpointing).lower()}", f"sampler.steps={args.steps}",
             f"method.name={method}", "train.accumulation=1", "train.trajectories_per_epoch=1", "train.batch_size=1",
             "model.sample_batch_size=1", "train.device=cpu", *reward, *args.override]
@@ -261,7 +271,8 @@ def largest_batch(rows: list[dict], budget_gb: float, reserve_gb: float = RESERV
 
 def run_child(args: argparse.Namespace, method: str, dtype: str, checkpointing: str, real: bool) -> dict:
     command = [sys.executable, __file__, "--child", method, dtype, checkpointing, "--sd-path", str(args.sd_path),
-               "--steps", str(args.steps), "--reward", args.reward, "--batch-sizes", *map(str, args.batch_sizes)]
+               "--model", args.model, "--steps", str(args.steps), "--reward", args.reward,
+               "--batch-sizes", *map(str, args.batch_sizes)]
     if args.reward == "aesthetic":
         command += ["--clip-dir", str(args.clip_dir), "--head", str(args.head)]
     if real:
@@ -277,9 +288,10 @@ def run_child(args: argparse.Namespace, method: str, dtype: str, checkpointing: 
 
 def markdown(results: dict) -> str:
     setting = results["setting"]
+    _, name, sampler, _, _ = MODELS[setting.get("model", "sd15")]
     lines = [f"Machine: {results['machine']}.", "",
-             f"SD 1.5 architecture (random weights), latents {setting['latent_size']}×{setting['latent_size']} "
-             f"({8 * setting['latent_size']} px), {setting['steps']}-step DDPM, reward `{setting['reward']}`; "
+             f"{name} architecture (random weights), latents {setting['latent_size']}×{setting['latent_size']} "
+             f"({8 * setting['latent_size']} px), {setting['steps']}-step {sampler}, reward `{setting['reward']}`; "
              f"{'measured on real tensors on this CPU' if setting['real'] else 'estimated on fake tensors'}; "
              "GB = 1e9 bytes of live tensors (no CUDA context, no allocator overhead).", "",
              "| method | base weights | checkpointing | sampling an epoch: trajectories, peak | training batch "
@@ -310,10 +322,12 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--latent-size", type=int, default=64, help="64: 512×512 images")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--model", choices=list(MODELS), default="sd15")
+    parser.add_argument("--latent-size", type=int, help="default 64 for sd15 (512×512 images), 128 for sd3 (1024×1024)")
+    parser.add_argument("--steps", type=int, help="default 50 for sd15, 28 for sd3")
     parser.add_argument("--reward", choices=["aesthetic", "brightness"], default="aesthetic")
-    parser.add_argument("--sd-path", type=Path, help="a directory written by sd15_architecture.py (default: write one)")
+    parser.add_argument("--sd-path", type=Path,
+                        help="a directory written by sd15_architecture.py or sd3_architecture.py (default: write one)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--check", action="store_true",
                         help="fakes against real tensors on this CPU, at 32×32 latents, 4 steps, fp32, batch 1")
@@ -328,18 +342,23 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(measure_cell(args)))
         return
+    _, _, _, latent_size, steps = MODELS[args.model]
+    args.latent_size, args.steps = args.latent_size or latent_size, args.steps or steps
     if args.check:
         args.latent_size, args.steps, args.batch_sizes, args.dtypes, args.checkpointing = 32, 4, [1], ["fp32"], ["off"]
     with tempfile.TemporaryDirectory() as workdir:
         sys.path.insert(0, str(HERE))
+        from sd3_architecture import save_sd3
         from sd15_architecture import save_sd15
 
         if args.sd_path is None:
-            args.sd_path = save_sd15(Path(workdir) / "sd15", args.latent_size, "fp16")
+            save = save_sd3 if args.model == "sd3" else save_sd15
+            args.sd_path = save(Path(workdir) / args.model, args.latent_size, "fp16")
         if args.reward == "aesthetic":
             args.clip_dir, args.head = write_aesthetic_tower(Path(workdir))
         results = {"machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-                   "setting": {"latent_size": args.latent_size, "steps": args.steps, "reward": args.reward,
+                   "setting": {"model": args.model, "latent_size": args.latent_size, "steps": args.steps,
+                               "reward": args.reward,
                                "batch_sizes": args.batch_sizes, "real": False, "overrides": args.override},
                    "cells": []}
         for method in args.methods:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_sd import save_tiny_sd
+from tiny_sd3 import save_tiny_sd3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sd_memory  # noqa: E402
@@ -17,16 +18,18 @@ import sd_memory  # noqa: E402
 pytest.importorskip("peft")
 
 
-def cell(sd_path: Path, real: bool) -> dict:
+def cell(sd_path: Path, real: bool, model: str = "sd15") -> dict:
     args = argparse.Namespace(child=["residual_nabla_db", "fp32", "off"], real=real, sd_path=sd_path, steps=2,
-                              reward="brightness", batch_sizes=[1, 2], override=["model.flow_channels=[8,16]"])
+                              reward="brightness", batch_sizes=[1, 2], override=["model.flow_channels=[8,16]"],
+                              model=model)
     torch.manual_seed(0)
     return sd_memory.measure_cell(args)
 
 
-def test_estimate_on_fake_tensors_matches_the_real_update(tmp_path):
-    sd_path = save_tiny_sd(tmp_path / "pipeline")
-    fake, real = cell(sd_path, real=False), cell(sd_path, real=True)
+@pytest.mark.parametrize("model", ["sd15", "sd3"])
+def test_estimate_on_fake_tensors_matches_the_real_update(tmp_path, model):
+    sd_path = (save_tiny_sd3 if model == "sd3" else save_tiny_sd)(tmp_path / "pipeline")
+    fake, real = cell(sd_path, real=False, model=model), cell(sd_path, real=True, model=model)
     assert fake["sampling"]["resident_gb"] == real["sampling"]["resident_gb"] > 0  # the same weights and buffers
     for estimated, measured in zip(fake["rows"], real["rows"], strict=True):
         assert estimated["batch"] == measured["batch"]

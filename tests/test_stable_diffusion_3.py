@@ -22,7 +22,7 @@ from nablagfn.backends import build_backend
 from nablagfn.backends.stable_diffusion_3 import LORA_TARGETS, StableDiffusion3Backend
 from nablagfn.config_loading import load_config
 from nablagfn.errors import ConfigError
-from nablagfn.mdp import FlowParameterization, FlowSDEKernel, rollout
+from nablagfn.mdp import KERNEL_KINDS, FlowMatchKernel, FlowParameterization, FlowSDEKernel, rollout
 from nablagfn.train.checkpoint import list_checkpoints
 from nablagfn.train.run import Run, load_run
 from nablagfn.train.trainer import Trainer
@@ -40,6 +40,7 @@ def overrides(pipeline_dir, *extra: str) -> list[str]:
         "model.kind=stable_diffusion_3",
         f"model.path={pipeline_dir}",
         "model.dtype=fp32",
+        "model.gradient_checkpointing=false",  # on in the presets
         "model.flow_channels=[8,16]",
         "model.max_sequence_length=16",  # T5 tokens (diffusers' default 256): attention over fewer text tokens
         "reward.kind=brightness",
@@ -53,7 +54,8 @@ def make_backend(pipeline_dir, *extra: str) -> StableDiffusion3Backend:
 
 
 def latents(batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn((batch, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), generator=generator)
 
 
 def perturb_lora(backend) -> None:
@@ -73,7 +75,7 @@ def test_a_flow_model_with_lora_on_the_joint_attention_projections(pipeline_dir)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     config = load_config(None, overrides(pipeline_dir))
-    assert config.model.parameterization == "flow" and config.sampler.kind == "flow_sde"
+    assert config.model.parameterization == "flow" and config.sampler.kind in KERNEL_KINDS["flow"]
     backend = build_backend(config.model)
     assert backend.sample_shape == (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE) and backend.schedule is None
     assert len(backend.prompts) == 45 and backend.prompts[:2] == ["cat", "dog"]
@@ -115,8 +117,8 @@ def test_classifier_free_guidance(pipeline_dir, guidance):
     perturb_lora(backend)
     x, t, cond = latents(2), torch.tensor([900.0, 250.0]), torch.tensor([3, 9])
     sizes: list[int] = []
-    backend.transformer.register_forward_hook(lambda module, args, kwargs, output: sizes.append(len(kwargs["hidden_states"])),
-                                              with_kwargs=True)
+    backend.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: sizes.append(len(kwargs["hidden_states"])), with_kwargs=True)
     velocity = backend.eps(x, t, cond)
     assert velocity.dtype == torch.float32 and velocity.shape == x.shape
     assert sizes == [2 if guidance == 1 else 4]  # one transformer call ([negative; prompt] when guided)
@@ -146,7 +148,7 @@ def test_the_grid_velocity_and_decoding_are_diffusers_sd3(pipeline_dir):
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pipeline_dir, subfolder="scheduler")
     scheduler.set_timesteps(4)
     kernel = run.kernel
-    assert isinstance(kernel, FlowSDEKernel)
+    assert isinstance(kernel, FlowMatchKernel)
     torch.testing.assert_close(kernel.state_sigmas, scheduler.sigmas.double(), rtol=0, atol=0)
     torch.testing.assert_close(kernel.state_timesteps[:-1], scheduler.timesteps, rtol=0, atol=0)
     # diffusers' grid: evenly spaced from 1 to its smallest training σ, then shifted: σ ↦ 3σ / (1 + 2σ)
@@ -216,7 +218,8 @@ def test_base_weights_in_bf16_and_lora_in_fp32(pipeline_dir):
     trainable = {id(p) for p in backend.trainable_parameters()}
     assert all(p.dtype == torch.float32 for p in backend.trainable_parameters())
     assert all(p.dtype == torch.bfloat16 for p in backend.parameters() if id(p) not in trainable)
-    velocity, image = backend.eps(latents(2), torch.tensor([700.0, 20.0]), torch.tensor([0, 1])), backend.decode(latents(2))
+    velocity = backend.eps(latents(2), torch.tensor([700.0, 20.0]), torch.tensor([0, 1]))
+    image = backend.decode(latents(2))
     assert velocity.dtype == image.dtype == torch.float32
     assert torch.isfinite(velocity).all() and torch.isfinite(image).all()
 
@@ -288,7 +291,8 @@ def test_residual_nabla_db_trains_and_resumes_exactly(pipeline_dir, tmp_path):
     for group, optimizer in straight.optimizers.items():
         state, other = optimizer.state_dict()["state"], resumed.optimizers[group].state_dict()["state"]
         assert state.keys() == other.keys()
-        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(other[i][k])) for i in state for k, v in state[i].items())
+        assert all(torch.equal(torch.as_tensor(value), torch.as_tensor(other[index][key]))
+                   for index in state for key, value in state[index].items())
     for shard, other in zip(straight.shards, resumed.shards, strict=True):
         assert torch.equal(shard.generator.get_state(), other.generator.get_state())
     straight_log, resumed_log = train_records(tmp_path / "a"), train_records(tmp_path / "b")
@@ -296,7 +300,7 @@ def test_residual_nabla_db_trains_and_resumes_exactly(pipeline_dir, tmp_path):
     assert [r["loss"] for r in resumed_log] == [r["loss"] for r in straight_log]
 
 
-def test_ddpo_trains_on_the_flow_sde_log_probs(pipeline_dir, tmp_path):
+def test_ddpo_trains_on_a_flow_samplers_log_probs(pipeline_dir, tmp_path):
     config = load_config(None, overrides(pipeline_dir, "method.name=ddpo", "train.trajectories_per_epoch=2",
                                          "train.batch_size=2", "train.updates=1", "train.eval_samples=2",
                                          "train.policy_optimizer.lr=0.05"))
@@ -356,7 +360,8 @@ def test_cli_sample_and_export_round_trip_into_diffusers(pipeline_dir, tmp_path)
 def test_config_presets_and_errors(pipeline_dir, tmp_path):
     config = load_config(None, ["model.kind=stable_diffusion_3"])
     assert config.reward.kind == "aesthetic" and (config.method.beta, config.method.output_reg) == (1e4, 1e3)
-    assert config.sampler.kind == "flow_sde" and config.model.dtype == "fp32"
+    assert config.sampler.kind in KERNEL_KINDS["flow"] and config.model.dtype == "fp32"
+    assert (config.train.batch_size, config.train.accumulation, config.model.gradient_checkpointing) == (1, 32, True)
     assert config.model.path == "stabilityai/stable-diffusion-3-medium-diffusers" and config.model.guidance_scale == 7
     with pytest.raises(ConfigError, match=r"sampler\.kind: ddpm does not sample model\.parameterization=flow"):
         load_config(None, overrides(pipeline_dir, "sampler.kind=ddpm"))

@@ -184,8 +184,13 @@ REWARD_PRESETS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
     ("stable_diffusion", "hpsv2"): {"method": {"beta": 1e4, "output_reg": 1e2}},
     ("stable_diffusion", "imagereward"): {"method": {"beta": 1e3, "output_reg": 1e2}},
 }
-# SD3: SD 1.5's settings, a starting point (nothing published for SD3, not yet run on it by this project)
-MODEL_PRESETS["stable_diffusion_3"] = MODEL_PRESETS["stable_diffusion"]
+# SD3: SD 1.5's settings, a starting point (nothing published for SD3, not yet run on it by this project), with
+# 1 trajectory per backward pass and gradient checkpointing: a residual ∇-DB update at 1024 px in bf16 is estimated at
+# 20.3 GB with them, 25.9 GB at 2 per pass, 94 GB without checkpointing (benchmarks/sd_memory.py --model sd3)
+MODEL_PRESETS["stable_diffusion_3"] = {
+    "model": {"gradient_checkpointing": True},
+    "train": {**MODEL_PRESETS["stable_diffusion"]["train"], "batch_size": 1, "accumulation": 32},
+}
 REWARD_PRESETS.update({("stable_diffusion_3", reward): preset for (model, reward), preset in REWARD_PRESETS.items()
                        if model == "stable_diffusion"})
 

@@ -109,7 +109,8 @@ def _save_merged(run: Run, adapter_dir: Path, out: Path) -> None:
                                                                      safety_checker=None,
                                                                      requires_safety_checker=False)  # fp32
         except OSError as error:
-            raise ConfigError(f"model.path: cannot load the base pipeline {model.path!r} to merge into ({error})") from None
+            raise ConfigError(f"model.path: cannot load the base pipeline {model.path!r} to merge into ({error})"
+                              ) from None
     pipe.load_lora_weights(adapter_dir, adapter_name="nablagfn")
     pipe.fuse_lora(adapter_names=["nablagfn"])  # in fp32, then cast to the run's dtype
     pipe.unload_lora_weights()
