@@ -131,18 +131,18 @@ def _save_pngs(images, out: Path) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import pretrain_classifier, pretrain_digits
+    from .pretrain import pretrain_classifier, pretrain_digits, pretrain_digits_flow
 
-    if args.what == "digits":
-        out = Path(args.out or "digits_unet.safetensors")
-        result = pretrain_digits(out, steps=args.steps or 4000, seed=args.seed, progress=not args.no_progress)
-        key = "model.weights"
-    else:
-        out = Path(args.out or "digits_classifier.safetensors")
-        result = pretrain_classifier(out, steps=args.steps or 3000, seed=args.seed, progress=not args.no_progress)
-        key = "reward.weights"
+    train, default_out, use = {
+        "digits": (pretrain_digits, "digits_unet.safetensors", "model.weights"),
+        "digits-flow": (pretrain_digits_flow, "digits_flow_unet.safetensors", "model.parameterization=flow model.weights"),
+        "classifier": (pretrain_classifier, "digits_classifier.safetensors", "reward.weights"),
+    }[args.what]
+    out = Path(args.out or default_out)
+    steps = {"steps": args.steps} if args.steps else {}
+    result = train(out, seed=args.seed, progress=not args.no_progress, **steps)
     print(_format_metrics(result))
-    print(f"wrote {out}; use it with {key}={out}")
+    print(f"wrote {out}; use it with {use}={out}")
     return 0
 
 
@@ -277,12 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
 
     pretrain = commands.add_parser(
-        "pretrain", help="rebuild the shipped digits model or classifier (seeded)",
-        description="Train the built-in digits diffusion model or the digits classifier from scikit-learn's digits.",
+        "pretrain", help="rebuild the shipped digits models or classifier (seeded)",
+        description="Train the built-in digits diffusion model (digits), its rectified flow (digits-flow) or the digits "
+        "classifier from scikit-learn's digits.",
     )
-    pretrain.add_argument("what", choices=["digits", "classifier"])
-    pretrain.add_argument("--out", help="safetensors file (default: ./digits_unet.safetensors or ./digits_classifier.safetensors)")
-    pretrain.add_argument("--steps", type=int, help="optimiser steps (default 4000 for digits, 3000 for the classifier)")
+    pretrain.add_argument("what", choices=["digits", "digits-flow", "classifier"])
+    pretrain.add_argument("--out", help="safetensors file (default: ./digits_unet.safetensors, "
+                          "./digits_flow_unet.safetensors or ./digits_classifier.safetensors)")
+    pretrain.add_argument("--steps", type=int, help="optimiser steps (default 4000 for digits and digits-flow, 3000 for "
+                          "the classifier)")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
     pretrain.set_defaults(func=cmd_pretrain)

@@ -1,7 +1,8 @@
-"""Pretraining of the built-in digits models (``nablagfn pretrain digits|classifier``), seeded and reproducible.
+"""Pretraining of the built-in digits models (``nablagfn pretrain digits|digits-flow|classifier``), seeded and
+reproducible.
 
 The package ships the results (``nablagfn/data/*.safetensors``); these functions
-rebuild them. Both train on CPU in minutes.
+rebuild them. All train on CPU in minutes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .backends.digits import DigitsUNet, digits_schedule, digits_split, load_digits_dataset
+from .mdp.parameterization import FlowParameterization
 from .rewards.classifier import DigitClassifier
 
 
@@ -59,6 +61,53 @@ def pretrain_digits(
     seconds = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"steps": str(steps), "batch_size": str(batch_size), "lr": str(lr), "ema": str(ema), "seed": str(seed)}
+    save_file({k: v.contiguous() for k, v in averaged.state_dict().items()}, str(out), metadata=metadata)
+    return {"final_loss": running, "seconds": seconds}
+
+
+def pretrain_digits_flow(
+    out: Path, steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, ema: float = 0.999, seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Rectified-flow training on all 1,797 digits scaled to [−1, 1]; saves the EMA weights.
+
+    Conditional flow matching with the linear interpolant (Liu et al. 2023; Lipman et al. 2023):
+    x_σ = (1 − σ) x₀ + σ ε, loss ‖v_θ(x_σ, 1000·σ) − (ε − x₀)‖² (``FlowParameterization``), one σ per sample,
+    **uniform** on [0, 1). Uniform rather than SD3's logit-normal: it trains the ends of the path that the 50-step
+    samplers visit (σ = 1 at the first step, small σ at the last), and on these 8×8 digits it did as well or better
+    (FD to the real digits 1.6–1.9 against 1.9–2.2 for logit-normal(0, 1), flow_sde at noise levels 0.7–0.1,
+    ``benchmarks/digits_prior_quality.py``). Same optimiser, schedule and EMA as ``pretrain_digits``.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    images, _ = load_digits_dataset()
+    data = images * 2 - 1
+    flow = FlowParameterization()
+    model = DigitsUNet()
+    averaged = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    started, running = time.perf_counter(), None
+    bar = tqdm(range(steps), desc="pretrain digits-flow", disable=not progress, mininterval=1.0)
+    for step in bar:
+        clean = data[torch.randint(0, len(data), (batch_size,), generator=generator)]
+        sigma = torch.rand(batch_size, generator=generator)
+        timestep = sigma * flow.num_train_timesteps
+        noise = torch.randn(clean.shape, generator=generator)
+        loss = (model(flow.noise(clean, noise, timestep), timestep) - flow.training_target(clean, noise)).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        _cosine_lr(optimizer, lr, step, steps)
+        optimizer.step()
+        with torch.no_grad():
+            for target, source in zip(averaged.parameters(), model.parameters()):
+                target.lerp_(source, 1 - ema)
+        running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+    seconds = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"steps": str(steps), "batch_size": str(batch_size), "lr": str(lr), "ema": str(ema), "seed": str(seed),
+                "parameterization": "flow", "sigma_sampling": "uniform"}
     save_file({k: v.contiguous() for k, v in averaged.state_dict().items()}, str(out), metadata=metadata)
     return {"final_loss": running, "seconds": seconds}
 

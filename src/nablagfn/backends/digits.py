@@ -1,10 +1,13 @@
-"""The built-in digits model: an 8×8 image diffusion model pretrained on scikit-learn's digits.
+"""The built-in digits models: 8×8 image diffusion and flow models pretrained on scikit-learn's digits.
 
 The data are the 1,797 real 8×8 handwritten digits that ship with scikit-learn
-(``load_digits``), scaled to [−1, 1]. The pretrained ε-network is a small UNet
-(8×8 → 4×4 → 8×8) whose weights ship with the package (``nablagfn pretrain digits``
-reproduces them); finetuning adds peft LoRA adapters to its convolutions and
-linear layers, so the pretrained model is the same network with the adapters off.
+(``load_digits``), scaled to [−1, 1]. The pretrained network is a small UNet
+(8×8 → 4×4 → 8×8) whose weights ship with the package: an ε-prediction DDPM
+(``model.parameterization=eps``, ``nablagfn pretrain digits`` reproduces them) or a
+rectified flow predicting the velocity ε − x₀ of x_σ = (1 − σ) x₀ + σ ε at model time
+1000·σ (``model.parameterization=flow``, ``nablagfn pretrain digits-flow``). Finetuning
+adds peft LoRA adapters to its convolutions and linear layers, so the pretrained model
+is the same network with the adapters off.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..config_base import StrictConfig
+from ..mdp.parameterization import EpsilonParameterization, FlowParameterization, Parameterization
 from ..mdp.schedules import NoiseSchedule
 from ..shipped import load_weights_into
 from .base import Backend
@@ -24,16 +28,24 @@ from .nets import timestep_embedding
 
 
 class DigitsModelConfig(StrictConfig):
-    """The built-in 8×8 digits diffusion model (pretrained on scikit-learn's digits), finetuned with LoRA."""
+    """The built-in 8×8 digits diffusion or flow model (pretrained on scikit-learn's digits), finetuned with LoRA."""
 
     kind: Literal["digits"] = "digits"
-    weights: str | None = Field(None, description="safetensors file from `nablagfn pretrain digits`; None: shipped")
+    parameterization: Literal["eps", "flow"] = Field(
+        "eps", description="eps: the ε-prediction DDPM (sampler.kind=ddpm); flow: the rectified flow (velocity), "
+        "sampled by sampler.kind=flow_sde"
+    )
+    weights: str | None = Field(
+        None, description="safetensors file from `nablagfn pretrain digits` (eps) or `nablagfn pretrain digits-flow` "
+        "(flow); None: the shipped one"
+    )
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float | None = Field(None, gt=0, description="None: equal to lora_rank")
 
 
 DIGITS_SHAPE = (1, 8, 8)
 SHIPPED_UNET = "digits_unet.safetensors"
+SHIPPED_FLOW_UNET = "digits_flow_unet.safetensors"
 
 
 def load_digits_dataset() -> tuple[Tensor, Tensor]:
@@ -76,7 +88,8 @@ class ResidualBlock(nn.Module):
 
 
 class DigitsUNet(nn.Module):
-    """A small UNet on 8×8 images, x, t ↦ an image of x's shape (ε, or g_φ's score when ``zero_output``).
+    """A small UNet on 8×8 images, x, t ↦ an image of x's shape (ε or the velocity, or g_φ's score when
+    ``zero_output``); t may be an integer timestep or a float flow time 1000·σ.
 
     ``zero_output`` starts the output convolution at exactly zero (the flow-score network g_φ).
     """
@@ -109,41 +122,62 @@ class DigitsUNet(nn.Module):
         return self.conv_out(nn.functional.silu(self.norm_out(h)))
 
 
-def load_digits_unet(weights: str | None) -> DigitsUNet:
-    """The pretrained digits ε-network from ``weights`` (a safetensors file; None: the shipped one)."""
+def load_digits_unet(weights: str | None, parameterization: str = "eps") -> DigitsUNet:
+    """The pretrained digits network of ``parameterization`` (``eps``: the ε-network, ``flow``: the velocity
+    network) from ``weights`` (a safetensors file; None: the shipped one)."""
+    if parameterization == "flow":
+        return load_weights_into(DigitsUNet(), weights, SHIPPED_FLOW_UNET, "model.weights",
+                                 "nablagfn pretrain digits-flow")
     return load_weights_into(DigitsUNet(), weights, SHIPPED_UNET, "model.weights", "nablagfn pretrain digits")
 
 
 class DigitsBackend(Backend):
-    """The pretrained digits UNet with LoRA adapters; unconditional (one condition, id 0)."""
+    """The pretrained digits UNet with LoRA adapters; unconditional (one condition, id 0).
+
+    ``parameterization``: ``eps`` (the UNet predicts ε under ``digits_schedule``) or ``flow`` (it predicts the
+    velocity at model time 1000·σ; ``schedule`` is None).
+    """
 
     config_class = DigitsModelConfig
 
-    def __init__(self, unet: DigitsUNet, lora_rank: int = 8, lora_alpha: float | None = None):
+    def __init__(self, unet: DigitsUNet, lora_rank: int = 8, lora_alpha: float | None = None,
+                 parameterization: Literal["eps", "flow"] = "eps"):
         super().__init__()
         self._lora = (lora_rank, lora_alpha)
-        self.schedule = digits_schedule()
+        self.schedule = None if parameterization == "flow" else digits_schedule()
+        self._parameterization = FlowParameterization() if self.schedule is None else EpsilonParameterization(
+            self.schedule)
         self.sample_shape = DIGITS_SHAPE
         unet.requires_grad_(False)
         self.unet = add_lora(unet, lora_rank, lora_alpha or lora_rank)
 
     @classmethod
     def from_config(cls, config) -> "DigitsBackend":
-        return cls(load_digits_unet(config.weights), config.lora_rank, config.lora_alpha)
+        unet = load_digits_unet(config.weights, config.parameterization)
+        return cls(unet, config.lora_rank, config.lora_alpha, config.parameterization)
 
     @classmethod
-    def pretrained(cls, lora_rank: int = 8, lora_alpha: float | None = None) -> "DigitsBackend":
-        """The shipped digits model with a fresh LoRA adapter (what ``model.kind=digits`` builds)."""
+    def pretrained(cls, lora_rank: int = 8, lora_alpha: float | None = None,
+                   parameterization: Literal["eps", "flow"] = "eps") -> "DigitsBackend":
+        """A shipped digits model (the DDPM, or the rectified flow) with a fresh LoRA adapter (what
+        ``model.kind=digits`` builds)."""
         from . import build_backend
 
-        return build_backend(DigitsModelConfig(lora_rank=lora_rank, lora_alpha=lora_alpha))
+        return build_backend(
+            DigitsModelConfig(lora_rank=lora_rank, lora_alpha=lora_alpha, parameterization=parameterization))
 
     def describe(self):
-        """The LoRA settings (the UNet's weights are not recorded: the run is handed over)."""
+        """The parameterization and the LoRA settings (the UNet's weights are not recorded: the run is handed
+        over)."""
+        return DigitsModelConfig(lora_rank=self._lora[0], lora_alpha=self._lora[1],
+                                 parameterization=self._parameterization.kind)
 
-        return DigitsModelConfig(lora_rank=self._lora[0], lora_alpha=self._lora[1])
+    @property
+    def parameterization(self) -> Parameterization:
+        return self._parameterization
 
     def eps(self, x: Tensor, timestep: Tensor, cond: Tensor, finetuned: bool = True) -> Tensor:
+        """The UNet's output: ε, or the velocity of the flow model."""
         if finetuned:
             return self.unet(x, timestep)
         with adapters_disabled(self.unet):

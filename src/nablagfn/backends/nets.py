@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 
 def timestep_embedding(timestep: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """Sinusoidal embedding of integer diffusion timesteps, shape (B, dim)."""
+    """Sinusoidal embedding of diffusion timesteps (integer, or a flow model's float 1000·σ), shape (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timestep.device) / half)
     angles = timestep.float()[:, None] * freqs[None]
