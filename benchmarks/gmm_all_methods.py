@@ -35,6 +35,7 @@ METHOD_SETTINGS: dict[str, list[str]] = {
     "residual_db": ["method.beta_ramp=0", "train.policy_optimizer.lr=1e-3", "train.flow_optimizer.lr=1e-3"],
     "dag_db": ["train.policy_optimizer.lr=3e-4", "train.flow_optimizer.lr=3e-3"],
     "ddpo": ["train.on_policy=true", "method.clip_range=0.01", "train.batch_size=64"],  # ε = 1e-4 suits SD latents
+    "flow_grpo": ["train.on_policy=true", "method.clip_range=0.01"],  # as DDPO: ε = 1e-4 suits SD latents
     "refl": ["train.policy_optimizer.lr=1e-3"],  # DRaFT / DRaFT-LV diverge at the default 3e-3
     "draft": ["train.policy_optimizer.lr=3e-4"],  # diverged at 1e-3 (seed 0)
     "draft_lv": ["train.policy_optimizer.lr=3e-4"],  # diverged at 1e-3 (seed 0)
