@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every run")
     compare.add_argument("--methods", nargs="+", metavar="METHOD",
-                         help="method names, space- or comma-separated (default: all 12)")
+                         help="method names, space- or comma-separated (default: all 13)")
     compare.add_argument("--seeds", nargs="+", metavar="SEED", help="train.seed values (default: 0 1 2)")
     compare.add_argument("--config", help="YAML config file for every run (see docs/config.md)")
     compare.add_argument("--settings", metavar="FILE",
