@@ -29,11 +29,12 @@ from nablagfn.noise_correction import CorrectorTraining, corrected_noise, genera
 from nablagfn.rewards.classifier import load_digit_classifier
 
 
-def flops_of(module: torch.nn.Module, *inputs) -> int:
+def flops_of(function, *inputs) -> int:
+    """FLOPs of one call of ``function(*inputs)`` (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(*inputs)
+        function(*inputs)
     return counter.get_total_flops()
 
 
@@ -108,7 +109,7 @@ def main() -> None:
     training_seconds = time.perf_counter() - started
 
     one = torch.zeros(1, *data.shape[1:])
-    unet_flops = flops_of(backend, one, torch.full((1,), 500.0), torch.zeros(1, dtype=torch.long), False)
+    unet_flops = flops_of(velocity, one, torch.full((1,), 500.0))
     corrector_flops = flops_of(corrector, one, torch.full((1,), 500.0))
     cost_ratio = corrector_flops / unet_flops
 
