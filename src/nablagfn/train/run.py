@@ -282,7 +282,7 @@ def describe_run(config: RunConfig) -> str:
         where = (f"{model.path} ({model.dtype} base weights, LoRA rank {model.lora_rank}, guidance "
                  f"{model.guidance_scale:g})")
     else:
-        where = "the built-in 8×8 digits model"
+        where = "the built-in 8×8 digits " + ("rectified flow" if model.parameterization == "flow" else "DDPM")
     beta = getattr(method, "beta", None)
     per_update = train.batch_size * train.accumulation
     evaluations = train.updates // train.eval_every + 1 + (train.updates % train.eval_every != 0)
