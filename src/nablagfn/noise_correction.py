@@ -14,6 +14,12 @@ steps K adds the pretrained ODE's own discretisation error, which the correction
 a distribution close to a Gaussian, so it is small and takes few steps; the cost per image is K_c corrector calls +
 K pretrained calls (``function_evaluations``).
 
+Few corrector steps need straight paths. Trained on independent pairs (z, z̃), the corrector's flow is curved even
+when the inverted noise is exactly N(0, I) (then v(x, σ) = (2σ − 1)/((1 − σ)² + σ²)·x, not 0), and its 5-step Euler
+ODE shrinks the noise to std 0.77. The default ``coupling="minibatch_ot"`` pairs each batch's noises and targets by
+the optimal assignment of squared distances (minibatch OT flow matching: Tong et al. 2023; Pooladian et al. 2023),
+which makes the flow close to the identity where the inverted noise is close to N(0, I).
+
 The σ grids are diffusers' (``mdp.flow.FlowSDEKernel`` with noise level 0, the Euler ODE).
 """
 
@@ -23,6 +29,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -80,13 +87,30 @@ class NoiseCorrector(nn.Module):
 
 @dataclass
 class CorrectorTraining:
-    """The corrector's training: AdamW ``steps`` × ``batch_size``, EMA of the weights, seeded."""
+    """The corrector's training: AdamW ``steps`` × ``batch_size``, EMA of the weights, seeded; ``coupling``: how each
+    batch pairs noises with inverted noises (``minibatch_ot``: the assignment minimising the squared distances;
+    ``independent``: at random)."""
 
     steps: int = 3000
     batch_size: int = 256
     lr: float = 1e-3
     ema: float = 0.999
     seed: int = 0
+    coupling: Literal["minibatch_ot", "independent"] = "minibatch_ot"
+
+    def __post_init__(self):
+        if self.coupling not in ("minibatch_ot", "independent"):
+            raise ValueError(f"coupling must be 'minibatch_ot' or 'independent', got {self.coupling!r}")
+
+
+def ot_pairing(noise: Tensor, target: Tensor) -> Tensor:
+    """``noise`` reordered so that row i is paired with ``target[i]`` by the assignment minimising Σ‖noise − target‖²
+    over the batch (scipy's ``linear_sum_assignment``)."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(target.flatten(1).double(), noise.flatten(1).double()).pow(2)
+    _, columns = linear_sum_assignment(cost.numpy())
+    return noise[torch.as_tensor(columns)]
 
 
 def train_corrector(
@@ -105,6 +129,8 @@ def train_corrector(
     for _ in bar:
         target = inverted[torch.randint(0, len(inverted), (settings.batch_size,), generator=generator)]
         noise = torch.randn(target.shape, generator=generator)
+        if settings.coupling == "minibatch_ot":
+            noise = ot_pairing(noise, target)
         sigma = torch.rand(settings.batch_size, generator=generator)
         sigma_b = sigma.reshape(-1, *([1] * (target.dim() - 1)))
         noisy = (1 - sigma_b) * target + sigma_b * noise
