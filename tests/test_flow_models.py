@@ -24,6 +24,13 @@ def test_default_flow_sampler_per_method(method, kind):
     assert load_config(None, ["model.kind=gmm", f"method.name={method}"]).sampler.kind == "ddpm"
 
 
+@pytest.mark.parametrize("method", ["residual_nabla_db", "nabla_db"])
+def test_flow_models_default_to_a_unit_lookahead_scale(method):
+    assert load_config(None, [*FLOW, f"method.name={method}"]).method.gamma == "one"
+    assert load_config(None, [*FLOW, f"method.name={method}", "method.gamma=alpha_bar"]).method.gamma == "alpha_bar"
+    assert load_config(None, ["model.kind=gmm", f"method.name={method}"]).method.gamma == "sqrt_alpha_bar"
+
+
 def test_residual_nabla_db_with_the_paper_policy_target_keeps_flow_sde():
     config = load_config(None, [*FLOW, "method.policy_target=detailed_balance"])
     assert config.sampler.kind == "flow_sde"
@@ -65,8 +72,9 @@ def test_flow_mixture_backend_is_the_exact_velocity_and_starts_at_the_pretrained
 
 def test_parameterization_quantities_of_a_flow_model():
     """x̂₀ = x − σ v and ε̂ = x + (1 − σ) v of the exact velocity are E[x₀ | x_σ] and E[ε | x_σ] (checked against
-    Tweedie's formula through the exact score); the noising kernel and γ come from the states' σ."""
-    run = Run.build(load_config(None, FLOW))
+    Tweedie's formula through the exact score); the noising kernel and γ (``sqrt_alpha_bar``: 1 − σ) come from the
+    states' σ."""
+    run = Run.build(load_config(None, [*FLOW, "method.gamma=sqrt_alpha_bar"]))
     backend, kernel, method = run.backend, run.kernel, run.method
     parameterization = backend.parameterization
     x = torch.randn(32, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
