@@ -11,12 +11,13 @@ import copy
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from .backends.digits import DigitsUNet, digits_schedule, digits_split, load_digits_dataset
@@ -41,28 +42,19 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def pretrain_digits(
-    out: Path, steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, ema: float = 0.999, seed: int = 0,
-    progress: bool = True,
-) -> dict[str, float]:
-    """ε-prediction DDPM training (uniform t, MSE) on all 1,797 digits scaled to [−1, 1]; saves the EMA weights."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    images, _ = load_digits_dataset()
-    data = images * 2 - 1
-    abar = digits_schedule().alphas_cumprod.float()
-    model = DigitsUNet()
+def _train_with_ema(
+    model: nn.Module, loss_of_next_batch: Callable[[], Tensor], steps: int, lr: float, ema: float, description: str,
+    progress: bool,
+) -> tuple[nn.Module, float, float]:
+    """The digits models' training loop: AdamW (weight decay 1e-4), gradients clipped at norm 1, cosine lr, an EMA of
+    the weights. ``loss_of_next_batch()`` draws a batch and returns its loss. Returns (EMA model, smoothed final
+    loss, seconds)."""
     averaged = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     started, running = time.perf_counter(), None
-    bar = tqdm(range(steps), desc="pretrain digits", disable=not progress, mininterval=1.0)
+    bar = tqdm(range(steps), desc=description, disable=not progress, mininterval=1.0)
     for step in bar:
-        index = torch.randint(0, len(data), (batch_size,), generator=generator)
-        timestep = torch.randint(0, len(abar), (batch_size,), generator=generator)
-        noise = torch.randn(data[index].shape, generator=generator)
-        a = abar[timestep][:, None, None, None]
-        noisy = a.sqrt() * data[index] + (1 - a).sqrt() * noise
-        loss = (model(noisy, timestep) - noise).pow(2).mean()
+        loss = loss_of_next_batch()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -73,10 +65,37 @@ def pretrain_digits(
                 target.lerp_(source, 1 - ema)
         running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-    seconds = time.perf_counter() - started
+    return averaged, running, time.perf_counter() - started
+
+
+def _save_weights(model: nn.Module, out: Path, metadata: dict[str, str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out), metadata=metadata)
+
+
+def pretrain_digits(
+    out: Path, steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, ema: float = 0.999, seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """ε-prediction DDPM training (uniform t, MSE) on all 1,797 digits scaled to [−1, 1]; saves the EMA weights."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    images, _ = load_digits_dataset()
+    data = images * 2 - 1
+    abar = digits_schedule().alphas_cumprod.float()
+
+    def loss_of_next_batch() -> Tensor:
+        index = torch.randint(0, len(data), (batch_size,), generator=generator)
+        timestep = torch.randint(0, len(abar), (batch_size,), generator=generator)
+        noise = torch.randn(data[index].shape, generator=generator)
+        a = abar[timestep][:, None, None, None]
+        noisy = a.sqrt() * data[index] + (1 - a).sqrt() * noise
+        return (model(noisy, timestep) - noise).pow(2).mean()
+
+    model = DigitsUNet()
+    averaged, running, seconds = _train_with_ema(model, loss_of_next_batch, steps, lr, ema, "pretrain digits", progress)
     metadata = {"steps": str(steps), "batch_size": str(batch_size), "lr": str(lr), "ema": str(ema), "seed": str(seed)}
-    save_file({k: v.contiguous() for k, v in averaged.state_dict().items()}, str(out), metadata=metadata)
+    _save_weights(averaged, out, metadata)
     return {"final_loss": running, "seconds": seconds}
 
 
@@ -103,32 +122,19 @@ def pretrain_digits_flow(
     images, _ = load_digits_dataset()
     data = images * 2 - 1
     flow = FlowParameterization()
-    model = DigitsUNet()
-    averaged = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    started, running = time.perf_counter(), None
-    bar = tqdm(range(steps), desc="pretrain digits-flow", disable=not progress, mininterval=1.0)
-    for step in bar:
+
+    def loss_of_next_batch() -> Tensor:
         clean = data[torch.randint(0, len(data), (batch_size,), generator=generator)]
         sigma = torch.rand(batch_size, generator=generator)
         timestep = sigma * flow.num_train_timesteps
         noise = torch.randn(clean.shape, generator=generator)
-        loss = (model(flow.noise(clean, noise, timestep), timestep) - flow.training_target(clean, noise)).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        _cosine_lr(optimizer, lr, step, steps)
-        optimizer.step()
-        with torch.no_grad():
-            for target, source in zip(averaged.parameters(), model.parameters()):
-                target.lerp_(source, 1 - ema)
-        running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-    seconds = time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
+        return (model(flow.noise(clean, noise, timestep), timestep) - flow.training_target(clean, noise)).pow(2).mean()
+
+    model = DigitsUNet()
+    averaged, running, seconds = _train_with_ema(model, loss_of_next_batch, steps, lr, ema, "pretrain digits-flow",
+                                                 progress)
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "ema": ema, "seed": seed, "sigma": "uniform"}
-    metadata = {"pretrain_digits_flow": json.dumps(settings, sort_keys=True)}
-    save_file({k: v.contiguous() for k, v in averaged.state_dict().items()}, str(out), metadata=metadata)
+    _save_weights(averaged, out, {"pretrain_digits_flow": json.dumps(settings, sort_keys=True)})
     return {"final_loss": running, "seconds": seconds}
 
 

@@ -99,6 +99,16 @@ def normalised_advantages(
     return advantages.clamp(-clip, clip).to(rewards.dtype)
 
 
+def sampled_transitions(
+    trajectories: Trajectories, num_steps: int, subsample: SubsampleConfig, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A subsample of the recorded transitions, on the states' device: (rows, steps k, x_k, x_{k+1}, conditions)."""
+    rows, steps = subsample_steps(len(trajectories), num_steps, subsample.kind, subsample.fraction, generator)
+    device = trajectories.states.device
+    rows, steps = rows.to(device), steps.to(device)
+    return rows, steps, trajectories.states[rows, steps], trajectories.states[rows, steps + 1], trajectories.cond[rows]
+
+
 def ppo_clipped_loss(
     log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
 ) -> tuple[Tensor, dict[str, float]]:
@@ -132,11 +142,7 @@ class DDPO(Method):
         advantages = normalised_advantages(
             trajectories.log_reward, trajectories.cond, buffer, cfg.min_count, cfg.advantage_clip
         )
-        rows, steps = subsample_steps(len(trajectories), kernel.num_steps, cfg.subsample.kind, cfg.subsample.fraction,
-                                      generator)
-        device = trajectories.states.device
-        rows, steps = rows.to(device), steps.to(device)
-        x, x_next, cond = trajectories.states[rows, steps], trajectories.states[rows, steps + 1], trajectories.cond[rows]
+        rows, steps, x, x_next, cond = sampled_transitions(trajectories, kernel.num_steps, cfg.subsample, generator)
         elements = x[0].numel()
 
         eps = backend.eps(x, kernel.timestep_of_state(steps), cond, finetuned=True)

@@ -32,8 +32,8 @@ from torch import Tensor
 from ..config_base import StrictConfig
 from ..mdp.rollout import Trajectories
 from ..mdp.shapes import per_sample
-from .base import Method, SubsampleConfig, batch_mean, subsample_steps
-from .ddpo import ppo_clipped_loss
+from .base import Method, SubsampleConfig, batch_mean
+from .ddpo import ppo_clipped_loss, sampled_transitions
 
 
 class FlowGRPOConfig(StrictConfig):
@@ -87,11 +87,7 @@ class FlowGRPO(Method):
         cfg, kernel, backend = self.config, self.kernel, self.backend
         if trajectories.advantage is None:
             raise RuntimeError("flow_grpo: the trajectories have no advantages; the trainer calls prepare_epoch")
-        rows, steps = subsample_steps(len(trajectories), kernel.num_steps, cfg.subsample.kind, cfg.subsample.fraction,
-                                      generator)
-        device = trajectories.states.device
-        rows, steps = rows.to(device), steps.to(device)
-        x, x_next, cond = trajectories.states[rows, steps], trajectories.states[rows, steps + 1], trajectories.cond[rows]
+        rows, steps, x, x_next, cond = sampled_transitions(trajectories, kernel.num_steps, cfg.subsample, generator)
         elements = x[0].numel()
         timestep = kernel.timestep_of_state(steps)
 
