@@ -10,6 +10,35 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from ..errors import ConfigError
+
+
+def add_diffusers_lora(
+    denoiser: nn.Module, frozen: list[nn.Module], rank: int, alpha: float | None, targets: list[str], what: str
+) -> list[nn.Parameter]:
+    """Freezes ``frozen`` (the pipeline's modules, in eval mode) and adds a peft LoRA on ``targets`` to ``denoiser``
+    (a diffusers UNet or transformer, one of them) through its ``add_adapter``; returns the adapter's parameters, in
+    fp32. ``what`` names the denoiser in the error raised when no layer matches."""
+    from peft import LoraConfig
+
+    for module in frozen:
+        module.requires_grad_(False)
+        module.eval()
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or rank,
+        init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the finetuned model starts as the pretrained one
+        target_modules=list(targets),
+    )
+    try:
+        denoiser.add_adapter(lora)
+    except ValueError as error:  # peft: no module matched
+        raise ConfigError(f"model.lora_targets: {list(targets)} matched no layer of the {what} ({error})") from None
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.data = parameter.data.float()
+    return trainable
+
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | None = None) -> nn.Module:
     """Inject LoRA (B = 0 at start, so the model is unchanged) into ``targets`` (default: every conv and linear layer)."""

@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..loading import offline_hint, resolve_dir
 from ..mdp.schedules import NoiseSchedule
 from .base import Backend
+from .lora import add_diffusers_lora
 from .prompts import PromptsConfig, PromptTable, build_prompt_table
 
 
@@ -226,26 +227,7 @@ class StableDiffusionBackend(Backend):
         reward_grad_batch_size: int = 1,
     ):
         super().__init__()
-        from peft import LoraConfig
-
-        for module in (unet, vae, text_encoder):
-            module.requires_grad_(False)
-            module.eval()
-        lora = LoraConfig(
-            r=lora_rank,
-            lora_alpha=lora_alpha or lora_rank,
-            init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the finetuned model starts as the pretrained one
-            target_modules=list(lora_targets),
-        )
-        try:
-            unet.add_adapter(lora)
-        except ValueError as error:  # peft: no module matched
-            raise ConfigError(
-                f"model.lora_targets: {list(lora_targets)} matched no layer of the UNet ({error})"
-            ) from None
-        self._trainable = [p for p in unet.parameters() if p.requires_grad]
-        for parameter in self._trainable:
-            parameter.data = parameter.data.float()
+        self._trainable = add_diffusers_lora(unet, [unet, vae, text_encoder], lora_rank, lora_alpha, lora_targets, "UNet")
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing(checkpoint_with_adapter_state)
             vae.enable_gradient_checkpointing()

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..loading import offline_hint, resolve_dir
 from ..mdp.parameterization import FlowParameterization, Parameterization
 from .base import Backend
+from .lora import add_diffusers_lora
 from .prompts import PromptsConfig, PromptTable, build_prompt_table
 from .stable_diffusion import (
     DTYPES,
@@ -135,28 +136,10 @@ class StableDiffusion3Backend(Backend):
         reward_grad_batch_size: int = 1,
     ):
         super().__init__()
-        from peft import LoraConfig
-
         transformer, vae = pipeline.transformer, pipeline.vae
         encoders = (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3)
-        for module in (transformer, vae, *(e for e in encoders if e is not None)):
-            module.requires_grad_(False)
-            module.eval()
-        lora = LoraConfig(
-            r=lora_rank,
-            lora_alpha=lora_alpha or lora_rank,
-            init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the finetuned model starts as the pretrained one
-            target_modules=list(lora_targets),
-        )
-        try:
-            transformer.add_adapter(lora)
-        except ValueError as error:  # peft: no module matched
-            raise ConfigError(
-                f"model.lora_targets: {list(lora_targets)} matched no layer of the transformer ({error})"
-            ) from None
-        self._trainable = [p for p in transformer.parameters() if p.requires_grad]
-        for parameter in self._trainable:
-            parameter.data = parameter.data.float()
+        self._trainable = add_diffusers_lora(transformer, [transformer, vae, *(e for e in encoders if e is not None)],
+                                             lora_rank, lora_alpha, lora_targets, "transformer")
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing(checkpoint_with_adapter_state)
             vae.enable_gradient_checkpointing()
