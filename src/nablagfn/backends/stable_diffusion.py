@@ -203,6 +203,22 @@ class FlowScoreUNet(nn.Module):
         return self.unet(x.to(self.unet.dtype), timestep, encoder_hidden_states=context).sample.to(x.dtype)
 
 
+def adapter_and_sampling_keywords(config) -> dict:
+    """The constructor keywords that the SD 1.5 and SD3 backends read from their ``model`` config alike: LoRA,
+    guidance, flow network, checkpointing and batch sizes."""
+    return {
+        "lora_rank": config.lora_rank,
+        "lora_alpha": config.lora_alpha,
+        "lora_targets": tuple(config.lora_targets),
+        "guidance_scale": config.guidance_scale,
+        "negative_prompt": config.negative_prompt,
+        "flow_channels": tuple(config.flow_channels),
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "sample_batch_size": config.sample_batch_size,
+        "reward_grad_batch_size": config.reward_grad_batch_size,
+    }
+
+
 class StableDiffusionBackend(Backend):
     """SD's UNet (frozen, ``model.dtype``) + an fp32 LoRA adapter; guided ε; VAE decoding; cached prompt embeddings."""
 
@@ -315,15 +331,7 @@ class StableDiffusionBackend(Backend):
             tokenizer,
             schedule,
             prompt_table or build_prompt_table(config.prompts),
-            lora_rank=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_targets=tuple(config.lora_targets),
-            guidance_scale=config.guidance_scale,
-            negative_prompt=config.negative_prompt,
-            flow_channels=tuple(config.flow_channels),
-            gradient_checkpointing=config.gradient_checkpointing,
-            sample_batch_size=config.sample_batch_size,
-            reward_grad_batch_size=config.reward_grad_batch_size,
+            **adapter_and_sampling_keywords(config),
         )
 
     def describe(self):

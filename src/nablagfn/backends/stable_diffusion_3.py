@@ -34,6 +34,7 @@ from .stable_diffusion import (
     FlowScoreUNet,
     StableDiffusionModelConfig,
     _is_hub_id,
+    adapter_and_sampling_keywords,
     checkpoint_with_adapter_state,
     decode_latents,
     flow_score_unet,
@@ -202,16 +203,8 @@ class StableDiffusion3Backend(Backend):
         return cls(
             pipeline,
             prompt_table or build_prompt_table(config.prompts),
-            lora_rank=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_targets=tuple(config.lora_targets),
-            guidance_scale=config.guidance_scale,
-            negative_prompt=config.negative_prompt,
             max_sequence_length=config.max_sequence_length,
-            flow_channels=tuple(config.flow_channels),
-            gradient_checkpointing=config.gradient_checkpointing,
-            sample_batch_size=config.sample_batch_size,
-            reward_grad_batch_size=config.reward_grad_batch_size,
+            **adapter_and_sampling_keywords(config),
         )
 
     def describe(self):
