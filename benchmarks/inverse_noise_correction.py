@@ -5,9 +5,10 @@ The pretrained digits rectified flow (``model.kind=digits model.parameterization
 with K steps from N(0, I) (uncorrected), or from the corrector's noise (corrected: ``nablagfn.noise_correction``, a
 small MLP flow trained on the 1,797 real digits inverted through a 100-step ODE). Metric: the Fréchet distance to all
 real digits in the shipped classifier's 64-d feature space (``eval.metrics.frechet_distance``), on ``--samples``
-images (two halves of the real digits, 898 images each, are also measured: a smaller, more biased pair). Cost:
-pretrained UNet calls + corrector calls × (corrector FLOPs / UNet FLOPs), counted by torch's FLOP counter on one sample.
-``--pretrain-steps N`` corrects a weaker model, pretrained here for N steps, instead of the shipped one (4,000 steps).
+images. References: the pretrained ODE from the inverted noises themselves (it regenerates the training digits at
+K = 100) and from a Gaussian fitted to them; two halves of the real digits (898 images each; a smaller, more biased
+pair). Cost: pretrained UNet calls + corrector calls × (corrector FLOPs / UNet FLOPs), counted by torch's FLOP
+counter on one sample. ``--pretrain-steps N`` corrects a weaker model, pretrained here for N steps, instead of the shipped one (4,000 steps).
 The inversion is cached in ``--out``; figures and commands: docs/methods.md § Inverse noise correction.
 
     python benchmarks/inverse_noise_correction.py --out benchmarks/results/noise_correction --train-steps 3000
@@ -137,8 +138,12 @@ def main() -> None:
     cost_ratio = corrector_flops / unet_flops
 
     rows = []
+    flat = inverted.flatten(1)  # references: the inverted noises themselves, and a Gaussian fitted to them
+    covariance = torch.cov(flat.T) + 1e-5 * torch.eye(flat.shape[1])
+    fitted = torch.distributions.MultivariateNormal(flat.mean(0), covariance)
     for steps in args.steps:
         generator = torch.Generator().manual_seed(args.seed + 1)
+        gaussian_fit = fitted.sample((args.samples,)).reshape(args.samples, *data.shape[1:])
         plain = generate(velocity, torch.randn((args.samples, *data.shape[1:]), generator=generator), ode_grid(steps))
         noise = corrected_noise(corrector, args.samples, args.corrector_steps, generator)
         corrected = generate(velocity, noise, ode_grid(steps))
@@ -146,6 +151,9 @@ def main() -> None:
             "steps": steps,
             "fd_uncorrected": frechet_distance(features(plain), real_features),
             "fd_corrected": frechet_distance(features(corrected), real_features),
+            "fd_inverted_noise": frechet_distance(features(generate(velocity, inverted, ode_grid(steps))), real_features),
+            "fd_gaussian_fit": frechet_distance(features(generate(velocity, gaussian_fit, ode_grid(steps))),
+                                                real_features),
             "unet_calls_uncorrected": steps,
             "unet_calls_corrected": steps + args.corrector_steps * cost_ratio,
         })
@@ -162,10 +170,11 @@ def main() -> None:
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
-    lines = ["| K (pretrained steps) | FD uncorrected | FD corrected | UNet-equivalent calls, corrected |",
-             "| --- | --- | --- | --- |"]
+    lines = ["| K (pretrained steps) | FD uncorrected | FD corrected | UNet-equivalent calls, corrected | FD from the "
+             "inverted noises | FD from a Gaussian fitted to them |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['steps']} | {r['fd_uncorrected']:.2f} | {r['fd_corrected']:.2f} | "
-              f"{r['unet_calls_corrected']:.2f} |" for r in rows]
+              f"{r['unet_calls_corrected']:.2f} | {r['fd_inverted_noise']:.2f} | {r['fd_gaussian_fit']:.2f} |"
+              for r in rows]
     lines.append(f"\nFD between two halves of the real digits (898 images each): {floor:.2f}; corrector "
                  f"{args.corrector_steps} steps at "
                  f"{cost_ratio:.3f} UNet FLOPs each; inversion error {reconstruction:.1e}.")
