@@ -60,7 +60,10 @@ class _GradientFlowConfig(StrictConfig):
     """Keys shared by the ∇-DB family: look-ahead flow score (eq. 15), loss weights, subsampling, smoothing."""
 
     beta: float = Field(0.5, gt=0)
-    gamma: Literal["alpha_bar", "sqrt_alpha_bar", "one"] = "sqrt_alpha_bar"
+    gamma: Literal["alpha_bar", "sqrt_alpha_bar", "one"] = Field(
+        "sqrt_alpha_bar", description="look-ahead scale γ_k: α_k², α_k or 1 (α_k the state's signal coefficient); "
+        "a run config on a flow model makes it `one` unless given"
+    )
     lookahead: Literal["pretrained", "finetuned"] = "pretrained"
     weight_forward: float = Field(1.0, ge=0)
     weight_reverse: float = Field(1.0, ge=0)
