@@ -73,6 +73,12 @@ MODELS: dict[str, tuple[list[str], str]] = {
              "Stable Diffusion 1.5's architecture with random weights (benchmarks/sd15_architecture.py; UNet 860 M, "
              "VAE, CLIP ViT-L/14 text encoder; the reference code's flow UNet 64/128/256/256), CFG 5, brightness "
              "reward, 2 trajectories per epoch, 1 per update, 4-step DDPM (--latent-size: 64 is 512×512 images)"),
+    "sd3": (["model.kind=stable_diffusion_3", "reward.kind=brightness", "sampler.steps=4",
+             "train.trajectories_per_epoch=2", "train.batch_size=1", "model.sample_batch_size=1"],
+            "Stable Diffusion 3 medium's architecture with random weights (benchmarks/sd3_architecture.py; MMDiT "
+            "transformer 2 B, VAE, CLIP-L and CLIP-G text encoders, no T5), CFG, brightness reward, 2 trajectories per "
+            "epoch, 1 per update, 4 flow sampler steps (flow_ddpm for residual ∇-DB, flow_sde for the others; "
+            "--latent-size: 128 is 1024×1024 images)"),
 }
 PARTS = ("cost", "memory", "overhead")
 MB = 2.0**20
@@ -124,7 +130,7 @@ def median(values: list[float]) -> float:
 # -- runs --------------------------------------------------------------------------------------------------------------
 def model_overrides(model: str, sd_path: str | None) -> list[str]:
     overrides = list(MODELS[model][0])
-    if model in ("sd-tiny", "sd15"):
+    if model in ("sd-tiny", "sd15", "sd3"):
         overrides.append(f"model.path={sd_path}")
     return overrides
 
@@ -616,8 +622,9 @@ def main() -> None:
     parser.add_argument("--level", type=float, default=-1.0, help="the mean log-reward of --time-to-reward")
     parser.add_argument("--out", type=Path, help="write every number as JSON")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    parser.add_argument("--sd-path", help="a pipeline directory for --model sd-tiny or sd15 (default: written afresh)")
-    parser.add_argument("--latent-size", type=int, default=64, help="--model sd15: the latent side (64: 512×512)")
+    parser.add_argument("--sd-path", help="a pipeline directory for --model sd-tiny, sd15 or sd3 (default: written "
+                        "afresh)")
+    parser.add_argument("--latent-size", type=int, default=64, help="--model sd15 or sd3: the latent side (64: 512×512)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -636,6 +643,10 @@ def main() -> None:
                 from sd15_architecture import save_sd15
 
                 args.sd_path = str(save_sd15(workdir / "sd15", args.latent_size, "fp16"))
+            if args.model == "sd3" and not args.sd_path:
+                from sd3_architecture import save_sd3
+
+                args.sd_path = str(save_sd3(workdir / "sd3", args.latent_size, "fp16"))
             results.update(model=args.model, overrides=args.override, methods=args.methods)
             methods = list(args.methods)
             if "overhead" in parts and REFERENCE not in methods:

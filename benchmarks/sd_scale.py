@@ -1,8 +1,10 @@
-"""Stable Diffusion 1.5 at its real size (random weights): seconds per update, residual ∇-DB's overhead over its
-necessary passes and peak memory, against DAG-DB, DDPO and DRaFT-1, through ``method_costs.py``'s measurements.
+"""Stable Diffusion 1.5 or 3 (medium) at its real size (random weights): seconds per update, residual ∇-DB's
+overhead over its necessary passes and peak memory, against DAG-DB, DDPO and DRaFT-1 (SD3: also Flow-GRPO), through
+``method_costs.py``'s measurements.
 
     python benchmarks/sd_scale.py --device cpu [--latent-size 16] [--out benchmarks/results/sd_scale/cpu.json]
     python benchmarks/sd_scale.py --device cuda --out benchmarks/results/sd_scale/cuda.json
+    python benchmarks/sd_scale.py --model sd3 --device cuda --out benchmarks/results/sd_scale/sd3_cuda.json
 
 Each method's cost is measured side by side with residual ∇-DB's (``method_costs.py --parts cost``, one pair of
 runs per method: the runs of a pair take turns on the same machine, and only two SD 1.5 runs are held at once, about
@@ -15,8 +17,10 @@ architecture at ``--latent-size`` (default 16: 128×128 images; 32 takes about 2
 4 sampler steps, 2
 trajectories per epoch and 1 per update. ``--device cuda`` uses the paper's sampler (50 steps) at 64×64 latents,
 bf16 base weights and gradient checkpointing, 8 trajectories per epoch and 2 per update. The architecture is written
-by ``sd15_architecture.py``; the reward is the weight-free brightness (the reward towers' own cost is not in these
-figures).
+by ``sd15_architecture.py`` (``sd3_architecture.py`` for ``--model sd3``: the MMDiT transformer of 2 B parameters, the
+VAE and the two CLIP text encoders, without T5; in fp32 its weights take about 12 GB per run, 24 GB for the two runs
+of a pair, so run it on a GPU). The reward is the weight-free brightness (the reward towers' own cost is not in
+these figures).
 """
 
 from __future__ import annotations
@@ -30,14 +34,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = "residual_nabla_db"
-METHODS = ["dag_db", "ddpo", "draft"]
+METHODS = {"sd15": ["dag_db", "ddpo", "draft"], "sd3": ["dag_db", "ddpo", "flow_grpo", "draft"]}
 CUDA_OVERRIDES = ["sampler.steps=50", "train.trajectories_per_epoch=8", "train.batch_size=2", "model.dtype=bf16",
                   "model.gradient_checkpointing=true", "model.sample_batch_size=8"]
 
 
 def method_costs(args: argparse.Namespace, methods: list[str], parts: list[str], sd_path: Path, out: Path) -> dict:
     """One ``method_costs.py`` invocation; its JSON."""
-    command = [sys.executable, str(HERE / "method_costs.py"), "--model", "sd15", "--device", args.device,
+    command = [sys.executable, str(HERE / "method_costs.py"), "--model", args.model, "--device", args.device,
                "--latent-size", str(args.latent_size), "--threads", str(args.threads), "--methods", *methods,
                "--parts", *parts, "--repeats", "1", "--overhead-repeats", "1", "--sd-path", str(sd_path),
                "--out", str(out), "--override",
@@ -50,7 +54,8 @@ def method_costs(args: argparse.Namespace, methods: list[str], parts: list[str],
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# SD 1.5 at its real size: `{results['command']}`", "", results["machine"], "",
+    name = {"sd15": "SD 1.5", "sd3": "SD3 medium"}[results.get("model", "sd15")]
+    lines = [f"# {name} at its real size: `{results['command']}`", "", results["machine"], "",
              "## Cost of one update, each method in a pair with residual ∇-DB", "",
              "| method | s per update (incl. sampling share) | sampling share | update alone | residual ∇-DB in the "
              "same pair, s per update | × residual ∇-DB |",
@@ -77,24 +82,38 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def save_architecture(model: str, path: Path, latent_size: int) -> Path:
+    """The random-weight pipeline of ``model`` (fp16 files) at ``latent_size``."""
+    sys.path.insert(0, str(HERE))
+    if model == "sd3":
+        from sd3_architecture import save_sd3
+
+        return save_sd3(path, latent_size, "fp16")
+    from sd15_architecture import save_sd15
+
+    return save_sd15(path, latent_size, "fp16")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["sd15", "sd3"], default="sd15")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--latent-size", type=int, help="latent side (default: 16 on the CPU, 64 on CUDA)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--methods", nargs="+", default=METHODS, help="compared with residual ∇-DB, one pair each")
+    parser.add_argument("--methods", nargs="+", help="compared with residual ∇-DB, one pair each (default: DAG-DB, "
+                        "DDPO, DRaFT-1, and Flow-GRPO for SD3)")
     parser.add_argument("--parts", nargs="+", default=["cost", "overhead"], choices=["cost", "overhead", "memory"])
-    parser.add_argument("--sd-path", type=Path, help="a directory written by sd15_architecture.py (default: write one)")
+    parser.add_argument("--sd-path", type=Path, help="a directory written by sd15_architecture.py or "
+                        "sd3_architecture.py (default: write one)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    args.methods = args.methods or METHODS[args.model]
     if args.latent_size is None:
         args.latent_size = 64 if args.device.startswith("cuda") else 16
     with tempfile.TemporaryDirectory() as workdir:
-        sys.path.insert(0, str(HERE))
-        from sd15_architecture import save_sd15
-
-        sd_path = args.sd_path or save_sd15(Path(workdir) / "sd15", args.latent_size, "fp16")
-        results: dict = {"command": "python benchmarks/sd_scale.py " + " ".join(sys.argv[1:]), "pairs": {}}
+        sd_path = args.sd_path or save_architecture(args.model, Path(workdir) / args.model, args.latent_size)
+        results: dict = {"command": "python benchmarks/sd_scale.py " + " ".join(sys.argv[1:]), "model": args.model,
+                         "pairs": {}}
         if "cost" in args.parts:
             for name in args.methods:
                 pair = method_costs(args, [REFERENCE, name], ["cost"], sd_path, Path(workdir) / f"{name}.json")

@@ -219,7 +219,32 @@ def adapter_and_sampling_keywords(config) -> dict:
     }
 
 
-class StableDiffusionBackend(Backend):
+class PipelineBackend(Backend):
+    """What the diffusers pipeline backends share: prompts drawn from ``prompt_table``, images decoded by ``vae``,
+    the LoRA's parameters ``_trainable``, and the model config ``from_pipeline`` made them with
+    (``_description``)."""
+
+    _description = None
+
+    def describe(self):
+        """The settings it was made with, the pipeline's name or path as ``model.path``."""
+        if self._description is None:
+            return super().describe()
+        return self._description
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Latents → images in [0, 1] (B, 3, H, W), fp32, differentiable: the VAE's decoding of the latents undone
+        by its scaling factor (and shift, where the VAE has one: ``decode_latents``)."""
+        return decode_latents(self.vae, x)
+
+    def sample_conditions(self, num: int, generator: torch.Generator, split: str = "train") -> Tensor:
+        return self.prompt_table.draw(num, generator, split)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self._trainable)
+
+
+class StableDiffusionBackend(PipelineBackend):
     """SD's UNet (frozen, ``model.dtype``) + an fp32 LoRA adapter; guided ε; VAE decoding; cached prompt embeddings."""
 
     config_class = StableDiffusionModelConfig
@@ -260,7 +285,6 @@ class StableDiffusionBackend(Backend):
         size = unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (unet.config.in_channels, height, width)
-        self._description = None  # the model config from_pipeline made it with
         self._embedding_cache: dict[int, Tensor] = {}  # prompt id → (tokens, dim); id −1 is the negative prompt
         self._adapter_enabled = True
 
@@ -334,12 +358,6 @@ class StableDiffusionBackend(Backend):
             **adapter_and_sampling_keywords(config),
         )
 
-    def describe(self):
-        """The settings it was made with, the pipeline's name or path as ``model.path``."""
-        if self._description is None:
-            return super().describe()
-        return self._description
-
     # -- text ------------------------------------------------------------------------
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> Tensor:
@@ -405,16 +423,6 @@ class StableDiffusionBackend(Backend):
             ).sample.float()
         unconditional, conditional = both.chunk(2)
         return unconditional + self.guidance_scale * (conditional - unconditional)
-
-    def decode(self, x: Tensor) -> Tensor:
-        """Latents → images in [0, 1] (B, 3, H, W), fp32, differentiable: VAE decode of x / scaling_factor."""
-        return decode_latents(self.vae, x)
-
-    def sample_conditions(self, num: int, generator: torch.Generator, split: str = "train") -> Tensor:
-        return self.prompt_table.draw(num, generator, split)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self._trainable)
 
     def make_flow_score_net(self) -> nn.Module:
         """A UNet2DConditionModel with widths ``flow_channels`` (one layer per block, cross-attention to the

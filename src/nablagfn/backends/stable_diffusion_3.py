@@ -25,18 +25,17 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..loading import offline_hint, resolve_dir
 from ..mdp.parameterization import FlowParameterization, Parameterization
-from .base import Backend
 from .lora import add_diffusers_lora
 from .prompts import PromptsConfig, PromptTable, build_prompt_table
 from .stable_diffusion import (
     DTYPES,
     ENCODE_BATCH,
     FlowScoreUNet,
+    PipelineBackend,
     StableDiffusionModelConfig,
     _is_hub_id,
     adapter_and_sampling_keywords,
     checkpoint_with_adapter_state,
-    decode_latents,
     flow_score_unet,
     resolve_dtype,
 )
@@ -114,7 +113,7 @@ def load_pipeline(path: str, revision: str | None, dtype: torch.dtype, t5: bool 
         ) from None
 
 
-class StableDiffusion3Backend(Backend):
+class StableDiffusion3Backend(PipelineBackend):
     """SD3's transformer (frozen, ``model.dtype``) + an fp32 LoRA adapter; guided velocity; VAE decoding; cached
     prompt embeddings. ``eps`` is the velocity (``parameterization.kind == "flow"``)."""
 
@@ -160,7 +159,6 @@ class StableDiffusion3Backend(Backend):
         self.reward_grad_batch_size = reward_grad_batch_size
         size = transformer.config.sample_size
         self.sample_shape = (transformer.config.in_channels, size, size)
-        self._description = None  # the model config from_pipeline made it with
         self._embedding_cache: dict[int, tuple[Tensor, Tensor]] = {}  # id → (tokens, dim), (pooled,); −1: negative
         self._adapter_enabled = True
 
@@ -206,12 +204,6 @@ class StableDiffusion3Backend(Backend):
             max_sequence_length=config.max_sequence_length,
             **adapter_and_sampling_keywords(config),
         )
-
-    def describe(self):
-        """The settings it was made with, the pipeline's name or path as ``model.path``."""
-        if self._description is None:
-            return super().describe()
-        return self._description
 
     @property
     def parameterization(self) -> Parameterization:
@@ -290,16 +282,6 @@ class StableDiffusion3Backend(Backend):
             )
         unconditional, conditional = both.chunk(2)
         return unconditional + self.guidance_scale * (conditional - unconditional)
-
-    def decode(self, x: Tensor) -> Tensor:
-        """Latents → images in [0, 1] (B, 3, H, W), fp32, differentiable: VAE decode of x / scaling + shift."""
-        return decode_latents(self.vae, x)
-
-    def sample_conditions(self, num: int, generator: torch.Generator, split: str = "train") -> Tensor:
-        return self.prompt_table.draw(num, generator, split)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self._trainable)
 
     def make_flow_score_net(self) -> nn.Module:
         """A UNet2DConditionModel with widths ``flow_channels`` (one layer per block, cross-attention to the prompt
