@@ -145,8 +145,10 @@ def tiny_sd_pipeline(directory: Path, **options) -> str:
 
 
 def make_trainer(model: str, method: str, device: str, extra: list[str], sd_path: str | None, workdir: Path) -> Trainer:
+    # Flow-GRPO's groups must divide the epoch: the full-size models sample 2 trajectories per epoch
+    groups = ["method.group_size=2"] if method == "flow_grpo" and model in ("sd15", "sd3") else []
     config = load_config(None, [*model_overrides(model, sd_path), f"method.name={method}", f"train.device={device}",
-                                *extra])
+                                *groups, *extra])
     return Trainer.from_config(config, workdir / method, progress=False)
 
 
