@@ -31,10 +31,29 @@ def byte_level_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def tiny_vae(latent_channels: int, latent_size: int, **settings):
+    """A two-block random-weight ``AutoencoderKL`` (×2 downsampling); ``settings``: other config keys (SD3's
+    scaling and shift)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=2 * latent_size,
+        **settings,
+    )
+
+
 def save_tiny_sd(path: str | Path, seed: int = 0, latent_size: int = LATENT_SIZE) -> Path:
     """Write a random-weight pipeline directory to ``path`` and return it; ``latent_size`` is the latent side
     (images are twice as wide). The weights do not depend on it, only the sizes the pipeline declares."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -50,17 +69,7 @@ def save_tiny_sd(path: str | Path, seed: int = 0, latent_size: int = LATENT_SIZE
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=2 * latent_size,
-    )
+    vae = tiny_vae(LATENT_CHANNELS, latent_size)
     tokenizer = byte_level_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tiny_sd import byte_level_tokenizer
+from tiny_sd import byte_level_tokenizer, tiny_vae
 
 #: latent channels (SD3's 16), latent side, the T5 / joint attention width, the two CLIP widths
 LATENT_CHANNELS = 16
@@ -58,7 +58,6 @@ def save_tiny_sd3(path: str | Path, seed: int = 0, t5: bool = True) -> Path:
     """Write a random-weight SD3 pipeline directory to ``path`` (without T5 when ``t5`` is false, as diffusers'
     ``text_encoder_3=None``) and return it."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -78,21 +77,8 @@ def save_tiny_sd3(path: str | Path, seed: int = 0, t5: bool = True) -> Path:
         joint_attention_dim=JOINT_DIM,
         pooled_projection_dim=sum(CLIP_DIMS),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=2 * LATENT_SIZE,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=SCALING_FACTOR,
-        shift_factor=SHIFT_FACTOR,
-    )
+    vae = tiny_vae(LATENT_CHANNELS, LATENT_SIZE, use_quant_conv=False, use_post_quant_conv=False,
+                   scaling_factor=SCALING_FACTOR, shift_factor=SHIFT_FACTOR)
     tokenizer = byte_level_tokenizer()
     text_encoder, text_encoder_2 = (_clip(width, len(tokenizer)) for width in CLIP_DIMS)
     text_encoder_3 = tokenizer_3 = None
