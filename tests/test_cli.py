@@ -185,3 +185,26 @@ def test_trained_weights_load_back(trained_run):
     assert all(torch.count_nonzero(p) == 0 for p in run.backend.residual.out.parameters())
     load_weights(run, trained_run / "checkpoints" / "update_0000004")
     assert any(torch.count_nonzero(p) > 0 for p in run.backend.residual.out.parameters())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a run recorded on cuda must be one this machine cannot load")
+def test_a_run_trained_on_a_gpu_samples_and_evaluates_on_the_cpu(trained_run, tmp_path, capsys):
+    """A run whose config says train.device=cuda (copied from the CPU run: same weights) is refused as it is, with the
+    flag to use, and loads with --device cpu to the same samples as the CPU run."""
+    import shutil
+
+    gpu_run = tmp_path / "gpu_run"
+    shutil.copytree(trained_run, gpu_run)
+    config = (gpu_run / "config.yaml").read_text()
+    assert "device: cpu" in config
+    (gpu_run / "config.yaml").write_text(config.replace("device: cpu", "device: cuda"))
+
+    out = tmp_path / "s.npy"
+    assert main(["sample", str(gpu_run), "--num", "20", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "trained on cuda" in error and "--device cpu" in error and len(error.strip().splitlines()) == 1
+    assert main(["sample", str(gpu_run), "--num", "20", "--out", str(out), "--device", "cpu"]) == 0
+    reference = tmp_path / "ref.npy"
+    assert main(["sample", str(trained_run), "--num", "20", "--out", str(reference)]) == 0
+    np.testing.assert_array_equal(np.load(out), np.load(reference))
+    assert main(["eval", str(gpu_run), "--num", "50", "--out", str(tmp_path / "e.json"), "--device", "cpu"]) == 0

@@ -16,11 +16,12 @@ def _run_dir(out: str | None) -> Path:
     return Path(out) if out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _load_run(run_dir: Path, checkpoint: str | None = None):
-    """A run rebuilt from RUN_DIR/config.yaml with the weights of its latest (or given) checkpoint."""
+def _load_run(run_dir: Path, checkpoint: str | None = None, device: str | None = None):
+    """A run rebuilt from RUN_DIR/config.yaml with the weights of its latest (or given) checkpoint, on ``device``
+    (default: the run's own)."""
     from .train.run import load_run
 
-    run = load_run(run_dir, checkpoint)
+    run = load_run(run_dir, checkpoint, device=device)
     run.progress = True
     return run, run.checkpoint
 
@@ -81,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    run, checkpoint = _load_run(Path(args.run_dir), args.checkpoint)
+    run, checkpoint = _load_run(Path(args.run_dir), args.checkpoint, args.device)
     out = Path(args.out)
     images = len(run.backend.sample_shape) == 3
     if args.grid and (not images or out.suffix != ".png"):
@@ -147,7 +148,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    run, checkpoint = _load_run(Path(args.run_dir), args.checkpoint)
+    run, checkpoint = _load_run(Path(args.run_dir), args.checkpoint, args.device)
     results = {"checkpoint": str(checkpoint), "num_samples": args.num, "seed": args.seed, "split": args.split}
     results["finetuned"] = run.evaluate(args.num, seed=args.seed, finetuned=True, split=args.split)
     results["pretrained"] = run.evaluate(args.num, seed=args.seed, finetuned=False, split=args.split)
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--grid", action="store_true", help="write one upscaled image grid to --out (a .png file)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    sample.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the run's train.device)")
     sample.add_argument("--split", choices=["train", "eval"], default="train",
                         help="prompts to condition on: training ones, or the held-out ones (model.prompts.held_out)")
     sample.set_defaults(func=cmd_sample)
@@ -238,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num", type=int, default=10_000, help="evaluation samples (default 10000)")
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the run's train.device)")
     evaluate.add_argument("--out", help="JSON output (default RUN_DIR/evaluations/<checkpoint>_<split>_n<num>_seed<seed>.json; "
                           "the training's own eval.json is left as it is)")
     evaluate.add_argument("--split", choices=["train", "eval"], default="train",

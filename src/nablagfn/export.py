@@ -36,7 +36,8 @@ def export_lora(run_dir: str | Path, out: str | Path, checkpoint: str | Path | N
         out: the directory to write (created; files of the same names are replaced).
         checkpoint: the checkpoint to export (default: the run's latest).
         merge: write a full pipeline with the LoRA fused instead of the adapter alone.
-        run: the run already loaded (``load_run``), e.g. with a pipeline handed over in Python.
+        run: the run already loaded (``load_run``), e.g. with a pipeline handed over in Python; by default the run is
+            loaded on the CPU, so a run trained on a GPU exports on any machine.
 
     Returns:
         ``out``.
@@ -169,8 +170,8 @@ def _load_for_export(run_dir: Path, checkpoint: str | Path | None, config: dict)
 
     handed_over = config.get("handed_over", [])
     if not handed_over:
-        return load_run(run_dir, checkpoint)
+        return load_run(run_dir, checkpoint, device="cpu")
     parsed = validate_config(config)
     backend = build_backend(parsed.model) if "model" in handed_over else None
     reward = BrightnessReward() if "reward" in handed_over else None
-    return load_run(run_dir, checkpoint, backend=backend, reward=reward)
+    return load_run(run_dir, checkpoint, backend=backend, reward=reward, device="cpu")

@@ -240,7 +240,7 @@ def default_run_dir() -> Path:
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, backend: Backend | None = None,
-             reward: Reward | None = None) -> "Run":
+             reward: Reward | None = None, device: str | None = None) -> "Run":
     """A finished or running run, rebuilt from ``RUN_DIR/config.yaml`` with the weights of its latest checkpoint
     (or ``checkpoint``), for sampling and evaluation.
 
@@ -248,6 +248,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, backe
         run_dir: the run directory.
         checkpoint: a checkpoint directory (default: the run's latest).
         backend, reward: the parts the run lists under ``handed_over`` (made in Python); others are rebuilt.
+        device: where to load it (default: the run's ``train.device``), e.g. ``cpu`` for a run trained on a GPU.
 
     Returns:
         The ``Run``; ``run.checkpoint`` is the checkpoint loaded.
@@ -259,7 +260,11 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, backe
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    run = Run.build(load_config(config_path), backend, reward)
+    config = load_config(config_path, [f"train.device={device}"] if device else [])
+    if device is None and config.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{run_dir} was trained on {config.train.device}, which this torch does not see; load it "
+                          "on the CPU with --device cpu (load_run(..., device='cpu'))")
+    run = Run.build(config, backend, reward)
     if checkpoint:
         path = Path(checkpoint)
     else:
