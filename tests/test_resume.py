@@ -166,3 +166,17 @@ def test_wall_time_accumulates_across_resume_and_final_metrics_are_not_recompute
     assert update_times == sorted(update_times) and all(0 < u < t for u, t in zip(update_times, times))
     last_eval = [r for r in records(tmp_path) if "eval/log_reward_mean" in r][-1]
     assert final["log_reward_mean"] == last_eval["eval/log_reward_mean"]
+
+
+def test_resuming_hashes_each_checkpoint_file_once(tmp_path, monkeypatch):
+    """Loading a checkpoint verifies every file's SHA-256 once (checkpoints of a large model are gigabytes)."""
+    from nablagfn.train import checkpoint as checkpoint_module
+
+    config = load_config(None, [*BASE, "train.updates=2", "train.checkpoint_every=2"])
+    Trainer.from_config(config, tmp_path, progress=False).train()
+    hashed = []
+    file_sha256 = checkpoint_module.file_sha256
+    monkeypatch.setattr(checkpoint_module, "file_sha256", lambda path: hashed.append(path.name) or file_sha256(path))
+    Trainer.from_config(config, tmp_path, progress=False).load(tmp_path)
+    files = sorted(p.name for p in list_checkpoints(tmp_path)[-1].glob("*.safetensors"))
+    assert sorted(hashed) == files and len(files) >= 3

@@ -195,12 +195,14 @@ def verify_checkpoint(checkpoint: Path) -> dict:
     return state
 
 
-def load_model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The policy adapter's and the method's tensors (``policy.*``, ``method.*``) of a checkpoint, verified first."""
+def load_model_tensors(checkpoint: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The policy adapter's and the method's tensors (``policy.*``, ``method.*``) of a checkpoint, verified first
+    (``verify=False``: the caller has just run ``verify_checkpoint``)."""
     path = Path(checkpoint) / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {checkpoint} has no model.safetensors (incomplete or not a checkpoint)")
-    verify_checkpoint(checkpoint)
+    if verify:
+        verify_checkpoint(checkpoint)
     return _read_tensors(path)
 
 

@@ -304,7 +304,7 @@ class Trainer:
                 raise FileNotFoundError(f"no checkpoint to resume from in {checkpoint / 'checkpoints'}")
             checkpoint = checkpoints[-1]
         self._check_written_by(checkpoint, verify_checkpoint(checkpoint))
-        load_weights(self.run, checkpoint)
+        load_weights(self.run, checkpoint, verify=False)
         state = load_training_state(checkpoint, self.optimizers)
         try:
             self.step, self.epoch = state["update"], state["epoch"]
@@ -607,9 +607,10 @@ def _update_of(line: str) -> float:
         return math.inf
 
 
-def load_weights(run: Run, checkpoint: Path) -> None:
-    """Load the policy adapter and the method's networks from a checkpoint into ``run``."""
-    tensors = load_model_tensors(checkpoint)
+def load_weights(run: Run, checkpoint: Path, verify: bool = True) -> None:
+    """Load the policy adapter and the method's networks from a checkpoint into ``run`` (``verify``: check the
+    checkpoint's checksums first)."""
+    tensors = load_model_tensors(checkpoint, verify)
     try:
         missing, unexpected = run.backend.load_state_dict(split_prefix(tensors, "policy"), strict=False)
         adapter_names = set(run.backend.adapter_state_dict())
