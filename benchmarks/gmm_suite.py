@@ -13,7 +13,7 @@ and the wall time. A case passes at TV ≤ 0.05 and energy ≤ 3× its floor.
     python benchmarks/gmm_suite.py --table benchmarks/results/gmm_suite/default          # the table again
 
 ``--jobs N`` trains N cases at once (one thread each). One JSON file per case is written to ``--out`` as it
-finishes; a rerun skips the cases already there.
+finishes; a rerun skips the cases already there. Ctrl-C (or one case's error) stops every worker at once.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import platform
 import random
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -250,17 +248,19 @@ def main() -> None:
     todo = [c for c in cases if c["index"] not in done]
     threads = args.threads or (1 if args.jobs > 1 else torch.get_num_threads())
     results = list(done.values())
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_case, c, args.overrides, args.updates, args.seed, threads) for c in todo]
-        for future in futures:
-            result = future.result()
-            results.append(result)
-            print(f"case {result['index']}: TV {result['final']['mode_tv']:.3f}, energy "
-                  f"{result['final']['energy_distance']:.4f} (mean floor {result['energy_floor_mean']:.4f}), "
-                  f"{result['seconds']:.0f} s", flush=True)
-            if args.out:
-                path = args.out / f"case_{result['index']:02d}.json"
-                path.write_text(json.dumps(result, indent=1) + "\n")
+    from nablagfn.compare.grid import in_worker_processes
+
+    calls = [(c, args.overrides, args.updates, args.seed, threads) for c in todo]
+    finished = (in_worker_processes(run_case, calls, args.jobs) if args.jobs > 1 and len(todo) > 1
+                else (run_case(*call) for call in calls))
+    for result in finished:
+        results.append(result)
+        print(f"case {result['index']}: TV {result['final']['mode_tv']:.3f}, energy "
+              f"{result['final']['energy_distance']:.4f} (mean floor {result['energy_floor_mean']:.4f}), "
+              f"{result['seconds']:.0f} s", flush=True)
+        if args.out:
+            path = args.out / f"case_{result['index']:02d}.json"
+            path.write_text(json.dumps(result, indent=1) + "\n")
     text = table(results)
     print(text)
     if args.out:

@@ -271,6 +271,40 @@ def test_compare_workers_die_with_their_parent_and_a_rerun_skips_held_runs(tmp_p
     assert "skipped (held by another process)" in result.stdout, result.stdout + result.stderr
 
 
+def _sleep_or_fail(kind: str, pid_file: str) -> None:
+    """A worker task of the test below: ``sleep`` writes its pid and sleeps; ``fail`` raises once the sleeper runs."""
+    if kind == "sleep":
+        Path(pid_file).write_text(str(os.getpid()))
+        time.sleep(300)
+    while not Path(pid_file).exists():
+        time.sleep(0.05)
+    raise RuntimeError("a case failed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="watches processes through /proc")
+def test_an_error_in_one_worker_process_stops_the_others(tmp_path):
+    """What benchmarks/gmm_suite.py --jobs and compare --jobs run on: one call's error reaches the caller and the
+    other workers are stopped, not left to run on."""
+    from nablagfn.compare.grid import in_worker_processes
+
+    pid_file, threads = tmp_path / "sleeper.pid", os.environ.get("OMP_NUM_THREADS")
+    with pytest.raises(RuntimeError, match="a case failed"):
+        list(in_worker_processes(_sleep_or_fail, [("sleep", str(pid_file)), ("fail", str(pid_file))], jobs=2))
+    sleeper = int(pid_file.read_text())
+    deadline = time.time() + 30
+    while _alive(sleeper) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(sleeper), "a worker outlived the error"
+    assert os.environ.get("OMP_NUM_THREADS") == threads  # the workers' one-thread setting is not left behind
+
+
 # -- a real full disk --------------------------------------------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):

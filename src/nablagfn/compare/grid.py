@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import current_process, get_context
@@ -196,6 +196,33 @@ def _pool_worker_init(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="nablagfn-parent-watch").start()
 
 
+def in_worker_processes(function: Callable[..., Any], calls: list[tuple], jobs: int) -> Iterator[Any]:
+    """``function(*arguments)`` for each of ``calls`` in ``jobs`` spawned processes of one thread each, yielded as
+    they finish. On Ctrl-C or an error no queued call starts and the running ones stop at once; a worker whose
+    parent died (even by SIGKILL) exits within a second. ``function`` must be importable (a module's top level)."""
+    saved_env = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update({name: "1" for name in saved_env})  # inherited by the spawned workers before torch loads
+    try:
+        pool = ProcessPoolExecutor(min(jobs, len(calls)), mp_context=get_context("spawn"),
+                                   initializer=_pool_worker_init, initargs=(os.getpid(),))
+        futures = [pool.submit(function, *arguments) for arguments in calls]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:  # Ctrl-C, an error, or the caller stopped early: the running calls stop now
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _train_in_worker(spec: RunSpec, progress: bool) -> dict[str, Any]:
     identity = current_process()._identity  # worker number in the pool: one progress-bar line each
     return train_run(spec, progress, position=identity[0] - 1 if identity else None)
@@ -245,26 +272,7 @@ def run_grid(
         finally:
             torch.set_num_threads(threads)
         return outcomes
-    saved_env = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ.update({name: "1" for name in saved_env})  # inherited by the spawned workers before torch loads
-    try:
-        pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"),
-                                   initializer=_pool_worker_init, initargs=(os.getpid(),))
-        futures = [pool.submit(_train_in_worker, spec, progress) for spec in todo]
-        try:
-            for future in as_completed(futures):
-                report(future.result())
-        except BaseException:  # Ctrl-C or an error: no queued run starts, the running ones stop now (they resume
-            for process in list(getattr(pool, "_processes", {}).values()):  # from their checkpoints on a rerun)
-                process.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
-    finally:
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    for outcome in in_worker_processes(_train_in_worker, [(spec, progress) for spec in todo], jobs):
+        report(outcome)
     return outcomes
 
