@@ -105,3 +105,41 @@ def test_mixture_run_raises_the_reward(tmp_path, sampler):
     start = records[0]["eval/log_reward_mean"]
     assert final["log_reward_mean"] > start + 2.0, (start, final)
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "ddpo"])
+def test_backpropagating_in_pieces_gives_the_same_update_with_smaller_model_batches(tmp_path, method):
+    """``method.transitions_per_backward``: the minibatch's 160 transitions go through the model 7 at a time (each
+    piece backpropagated before the next), and the update's weights and metrics are those of the whole batch."""
+    results = {}
+    for pieces in (None, 7):
+        overrides = [*(o for o in FAST if method == "flow_grpo" or not o.startswith("method.group_size")),
+                     f"method.name={method}", "method.clip_range=0.5",
+                     "method.kl_weight=0.1" if method == "flow_grpo" else "method.per_prompt=false"]
+        if pieces:
+            overrides.append(f"method.transitions_per_backward={pieces}")
+        trainer = Trainer.from_config(load_config(None, overrides), tmp_path / str(pieces), progress=False)
+        trainer.update()  # update 1: finetuned = pretrained, so the ratios are 1 and the KL is 0
+        batches, eps = [], trainer.run.backend.eps
+
+        def recording_eps(x, *args, **kwargs):
+            if kwargs.get("finetuned", True) and torch.is_grad_enabled():
+                batches.append(len(x))
+            return eps(x, *args, **kwargs)
+
+        trainer.run.backend.eps = recording_eps
+        metrics = trainer.update()  # update 2: both terms at work
+        trainer.run.backend.eps = eps
+        gradients = [p.grad.clone() for p in trainer.run.backend.trainable_parameters()]  # kept after the step
+        results[pieces] = (metrics, gradients, batches)
+    (whole, whole_gradients, whole_batches), (split, split_gradients, split_batches) = results[None], results[7]
+    assert whole_batches == [160] and split_batches == [7] * 22 + [6]
+    scale = max(g.abs().max() for g in whole_gradients)
+    assert scale > 0
+    for split_gradient, whole_gradient in zip(split_gradients, whole_gradients, strict=True):
+        torch.testing.assert_close(split_gradient, whole_gradient, rtol=1e-4, atol=1e-5 * scale)
+    assert split.keys() == whole.keys()
+    for key, value in whole.items():
+        assert split[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    if method == "flow_grpo":
+        assert whole["grpo/kl"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,6 +91,22 @@ def make_transitions(trajectories: Trajectories, rows: Tensor, steps: Tensor) ->
     )
 
 
+def transition_pieces(count: int, size: int | None) -> list[slice]:
+    """``count`` transitions in consecutive pieces of at most ``size`` (None: one piece)."""
+    size = count if size is None else size
+    return [slice(start, min(start + size, count)) for start in range(0, count, max(size, 1))]
+
+
+def summed_pieces(pieces: Iterable[tuple[Tensor, dict[str, float]]]) -> tuple[Tensor, dict[str, float]]:
+    """The loss and metrics of ``Method.loss_pieces`` added up (one graph: for tests and callers that want it whole)."""
+    total, metrics = None, {}
+    for loss, piece_metrics in pieces:
+        total = loss if total is None else total + loss
+        for key, value in piece_metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + value
+    return total, metrics
+
+
 def batch_mean(values: Tensor) -> Tensor:
     """Element-wise mean over non-batch dimensions → (B,) (the paper's ‖·‖² convention)."""
     return values.flatten(1).mean(1)
@@ -141,6 +158,12 @@ class Method:
         rows, steps = subsample_steps(len(trajectories), self.kernel.num_steps, subsample.kind, subsample.fraction,
                                       generator)
         return self.loss(make_transitions(trajectories, rows, steps), generator)
+
+    def loss_pieces(self, trajectories: Trajectories,
+                    generator: torch.Generator) -> Iterator[tuple[Tensor, dict[str, float]]]:
+        """The minibatch's loss in pieces that sum to ``trajectory_loss`` (losses and metrics alike), which the trainer
+        backpropagates one at a time, so that only one piece's graph is alive. Default: one piece."""
+        yield self.trajectory_loss(trajectories, generator)
 
     def loss(self, batch: TransitionBatch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError

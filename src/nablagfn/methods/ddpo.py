@@ -27,6 +27,7 @@ The per-prompt buffers are module buffers in ``self.networks`` so they are check
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -35,7 +36,15 @@ from torch import Tensor, nn
 
 from ..config_base import StrictConfig
 from ..mdp.rollout import Trajectories
-from .base import Method, SubsampleConfig, subsample_steps
+from .base import Method, SubsampleConfig, subsample_steps, summed_pieces, transition_pieces
+
+#: the policy-gradient methods' key for backpropagating a minibatch in pieces (DDPO, Flow-GRPO)
+TRANSITIONS_PER_BACKWARD = Field(
+    None, ge=1,
+    description="backpropagate the minibatch's trained transitions in pieces of this many (the same gradient; only "
+                "one piece's graph is alive); the minibatch size gives as many model passes per backward as the "
+                "reference DDPO code's one timestep at a time; default: all at once",
+)
 
 
 class DDPOConfig(StrictConfig):
@@ -56,6 +65,7 @@ class DDPOConfig(StrictConfig):
         default_factory=lambda: SubsampleConfig(kind="all", fraction=1.0),
         description="which steps of each trajectory are trained on (the reference: all)",
     )
+    transitions_per_backward: int | None = TRANSITIONS_PER_BACKWARD
 
 
 class PromptRewardBuffer(nn.Module):
@@ -137,6 +147,11 @@ class DDPO(Method):
         self.networks["reward_buffer"] = PromptRewardBuffer(num_conditions, config.buffer_size).to(backend.device)
 
     def trajectory_loss(self, trajectories: Trajectories, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        return summed_pieces(self.loss_pieces(trajectories, generator))
+
+    def loss_pieces(self, trajectories: Trajectories,
+                    generator: torch.Generator) -> Iterator[tuple[Tensor, dict[str, float]]]:
+        """The PPO loss over pieces of ``transitions_per_backward`` transitions, each weighted by its share."""
         cfg, kernel, backend = self.config, self.kernel, self.backend
         buffer = self.networks["reward_buffer"] if cfg.per_prompt else None
         advantages = normalised_advantages(
@@ -144,14 +159,13 @@ class DDPO(Method):
         )
         rows, steps, x, x_next, cond = sampled_transitions(trajectories, kernel.num_steps, cfg.subsample, generator)
         elements = x[0].numel()
-
-        eps = backend.eps(x, kernel.timestep_of_state(steps), cond, finetuned=True)
-        log_prob = kernel.log_prob(x_next, kernel.mean(x, eps, steps), steps) / elements
-        old_log_prob = trajectories.log_probs[rows, steps] / elements
-        loss, metrics = ppo_clipped_loss(log_prob, old_log_prob, advantages[rows], cfg.clip_range)
-        metrics.update({
-            "loss/ppo": loss.item(),
-            "ppo/advantage_abs": advantages.abs().mean().item(),
-            "ppo/log_reward_mean": trajectories.log_reward.mean().item(),
-        })
-        return loss, metrics
+        trajectory_metrics = {"ppo/advantage_abs": advantages.abs().mean().item(),
+                              "ppo/log_reward_mean": trajectories.log_reward.mean().item()}
+        for piece in transition_pieces(len(rows), cfg.transitions_per_backward):
+            share = (piece.stop - piece.start) / len(rows)
+            eps = backend.eps(x[piece], kernel.timestep_of_state(steps[piece]), cond[piece], finetuned=True)
+            log_prob = kernel.log_prob(x_next[piece], kernel.mean(x[piece], eps, steps[piece]), steps[piece]) / elements
+            old_log_prob = trajectories.log_probs[rows[piece], steps[piece]] / elements
+            loss, metrics = ppo_clipped_loss(log_prob, old_log_prob, advantages[rows[piece]], cfg.clip_range)
+            metrics.update({"loss/ppo": loss.item(), **trajectory_metrics})
+            yield share * loss, {key: share * value for key, value in metrics.items()}

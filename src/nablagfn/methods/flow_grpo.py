@@ -23,6 +23,7 @@ On-policy (``train.on_policy=true``, as the reference) the first minibatch of an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -32,8 +33,8 @@ from torch import Tensor
 from ..config_base import StrictConfig
 from ..mdp.rollout import Trajectories
 from ..mdp.shapes import per_sample
-from .base import Method, SubsampleConfig, batch_mean
-from .ddpo import ppo_clipped_loss, sampled_transitions
+from .base import Method, SubsampleConfig, batch_mean, summed_pieces, transition_pieces
+from .ddpo import TRANSITIONS_PER_BACKWARD, ppo_clipped_loss, sampled_transitions
 
 
 class FlowGRPOConfig(StrictConfig):
@@ -49,6 +50,7 @@ class FlowGRPOConfig(StrictConfig):
         default_factory=lambda: SubsampleConfig(kind="all", fraction=1.0),
         description="which steps of each trajectory are trained on (the reference: all)",
     )
+    transitions_per_backward: int | None = TRANSITIONS_PER_BACKWARD
 
 
 def group_advantages(log_reward: Tensor, group: Tensor, clip: float) -> Tensor:
@@ -84,28 +86,34 @@ class FlowGRPO(Method):
         return trajectories
 
     def trajectory_loss(self, trajectories: Trajectories, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        return summed_pieces(self.loss_pieces(trajectories, generator))
+
+    def loss_pieces(self, trajectories: Trajectories,
+                    generator: torch.Generator) -> Iterator[tuple[Tensor, dict[str, float]]]:
+        """The clipped surrogate + KL over pieces of ``transitions_per_backward`` transitions, weighted by share."""
         cfg, kernel, backend = self.config, self.kernel, self.backend
         if trajectories.advantage is None:
             raise RuntimeError("flow_grpo: the trajectories have no advantages; the trainer calls prepare_epoch")
         rows, steps, x, x_next, cond = sampled_transitions(trajectories, kernel.num_steps, cfg.subsample, generator)
         elements = x[0].numel()
-        timestep = kernel.timestep_of_state(steps)
-
-        mean_policy = kernel.mean(x, backend.eps(x, timestep, cond, finetuned=True), steps)
-        log_prob = kernel.log_prob(x_next, mean_policy, steps) / elements
-        old_log_prob = trajectories.log_probs[rows, steps] / elements
-        advantages = trajectories.advantage[rows]
-        loss, metrics = ppo_clipped_loss(log_prob, old_log_prob, advantages, cfg.clip_range)
-        if cfg.kl_weight > 0:
-            with torch.no_grad():
-                mean_reference = kernel.mean(x, backend.eps(x, timestep, cond, finetuned=False), steps)
-            variance = per_sample(kernel.std.to(x)[steps] ** 2, x)
-            kl = batch_mean((mean_policy - mean_reference) ** 2 / (2 * variance)).mean()
-            loss = loss + cfg.kl_weight * kl
-            metrics["grpo/kl"] = kl.item()
-        metrics.update({
-            "loss/grpo": loss.item(),
-            "grpo/advantage_abs": advantages.abs().mean().item(),
-            "grpo/log_reward_mean": trajectories.log_reward.mean().item(),
-        })
-        return loss, metrics
+        trajectory_metrics = {"grpo/advantage_abs": trajectories.advantage[rows].abs().mean().item(),
+                              "grpo/log_reward_mean": trajectories.log_reward.mean().item()}
+        for piece in transition_pieces(len(rows), cfg.transitions_per_backward):
+            share = (piece.stop - piece.start) / len(rows)
+            x_piece, steps_piece, cond_piece = x[piece], steps[piece], cond[piece]
+            timestep = kernel.timestep_of_state(steps_piece)
+            mean_policy = kernel.mean(x_piece, backend.eps(x_piece, timestep, cond_piece, finetuned=True), steps_piece)
+            log_prob = kernel.log_prob(x_next[piece], mean_policy, steps_piece) / elements
+            old_log_prob = trajectories.log_probs[rows[piece], steps_piece] / elements
+            loss, metrics = ppo_clipped_loss(log_prob, old_log_prob, trajectories.advantage[rows[piece]],
+                                             cfg.clip_range)
+            if cfg.kl_weight > 0:
+                with torch.no_grad():
+                    eps_reference = backend.eps(x_piece, timestep, cond_piece, finetuned=False)
+                    mean_reference = kernel.mean(x_piece, eps_reference, steps_piece)
+                variance = per_sample(kernel.std.to(x_piece)[steps_piece] ** 2, x_piece)
+                kl = batch_mean((mean_policy - mean_reference) ** 2 / (2 * variance)).mean()
+                loss = loss + cfg.kl_weight * kl
+                metrics["grpo/kl"] = kl.item()
+            metrics.update({"loss/grpo": loss.item(), **trajectory_metrics})
+            yield share * loss, {key: share * value for key, value in metrics.items()}

@@ -434,11 +434,11 @@ class Trainer:
             window = slice(self.epoch_position, self.epoch_position + self.shard_batch_size)
             self.epoch_position += self.shard_batch_size
             for shard in self.shards:
-                loss, metrics = method.trajectory_loss(shard.data.select(shard.order[window]), shard.generator)
-                (loss / parts).backward()
-                loss_value += loss.item() / parts
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value / parts
+                for loss, metrics in method.loss_pieces(shard.data.select(shard.order[window]), shard.generator):
+                    (loss / parts).backward()
+                    loss_value += loss.item() / parts
+                    for key, value in metrics.items():
+                        totals[key] = totals.get(key, 0.0) + value / parts
         self.processes.mean_gradients(p for params in self.parameter_groups.values() for p in params)
         totals = self.processes.mean({"loss": loss_value, **totals})
         loss_value = totals.pop("loss")
