@@ -293,7 +293,8 @@ def markdown(results: dict) -> str:
              f"{name} architecture (random weights), latents {setting['latent_size']}×{setting['latent_size']} "
              f"({8 * setting['latent_size']} px), {setting['steps']}-step {sampler}, reward `{setting['reward']}`; "
              f"{'measured on real tensors on this CPU' if setting['real'] else 'estimated on fake tensors'}; "
-             "GB = 1e9 bytes of live tensors (no CUDA context, no allocator overhead).", "",
+             "GB = 1e9 bytes of live tensors (no CUDA context, no allocator overhead)."
+             + (f" Overrides: `{' '.join(setting['overrides'])}`." if setting.get("overrides") else ""), "",
              "| method | base weights | checkpointing | sampling an epoch: trajectories, peak | training batch "
              "| resident before (weights, optimiser state) | update peak |" + (" RSS peak above start |" if setting["real"] else ""),
              "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if setting["real"] else "")]
