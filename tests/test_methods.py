@@ -11,6 +11,7 @@ from nablagfn.methods import build_method, make_transitions, subsample_steps
 from nablagfn.methods.residual_nabla_db import PretrainedEps, ResidualNablaDB
 from nablagfn.rewards import Reward
 from nablagfn.train.run import Run
+from nablagfn.train.trainer import Trainer
 
 FAST = ["model.kind=gmm", "sampler.steps=10", "model.hidden=32", "model.layers=2"]
 
@@ -287,3 +288,48 @@ def test_reward_smoothing_matches_the_closed_form():
     torch.testing.assert_close(grad, expected, atol=0.09, rtol=0)
     unsmoothed = frequency * torch.cos(frequency * x)
     assert (grad - unsmoothed).abs().max() > 0.3  # the smoothing is really applied
+
+
+PIECES = {  # method → (its overrides, the transitions of a minibatch of 16 trajectories)
+    "residual_nabla_db": (["method.subsample.fraction=0.3", "method.beta=2.0"], 16 * 4),
+    "nabla_db": (["method.beta=2.0"], 16 * 2),
+    "ddpo": (["method.clip_range=0.5", "method.per_prompt=false", "train.on_policy=true"], 16 * 10),
+    "flow_grpo": (["model.parameterization=flow", "method.group_size=4", "method.clip_range=0.5",
+                   "method.kl_weight=0.1", "train.on_policy=true"], 16 * 10),
+}
+
+
+@pytest.mark.parametrize("method", list(PIECES))
+def test_backpropagating_in_pieces_gives_the_same_update_with_smaller_model_batches(tmp_path, method):
+    """``method.transitions_per_backward=7``: the minibatch's transitions go through the policy 7 at a time, each piece
+    backpropagated before the next, and the update's gradients and metrics are those of the whole minibatch."""
+    overrides, transitions = PIECES[method]
+    results = {}
+    for pieces in (None, 7):
+        config = load_config(None, [*FAST, f"method.name={method}", *overrides, "train.trajectories_per_epoch=16",
+                                    "train.batch_size=16"]
+                             + ([f"method.transitions_per_backward={pieces}"] if pieces else []))
+        trainer = Trainer.from_config(config, tmp_path / str(pieces), progress=False)
+        trainer.update()  # the second update has a finetuned policy away from the pretrained one
+        batches, eps = [], trainer.run.backend.eps
+
+        def recording_eps(x, *args, _eps=eps, _batches=batches, **kwargs):
+            if kwargs.get("finetuned", True) and torch.is_grad_enabled():
+                _batches.append(len(x))
+            return _eps(x, *args, **kwargs)
+
+        trainer.run.backend.eps = recording_eps
+        metrics = trainer.update()
+        trainer.run.backend.eps = eps
+        gradients = [p.grad.clone() for group in trainer.parameter_groups.values() for p in group if p.grad is not None]
+        results[pieces] = metrics, gradients, batches
+    (whole, whole_gradients, whole_batches), (split, split_gradients, split_batches) = results[None], results[7]
+    assert whole_batches == [transitions]
+    assert split_batches == [7] * (transitions // 7) + ([transitions % 7] if transitions % 7 else [])
+    assert len(split_gradients) == len(whole_gradients) > 0
+    scale = max(g.abs().max() for g in whole_gradients)
+    for split_gradient, whole_gradient in zip(split_gradients, whole_gradients, strict=True):
+        torch.testing.assert_close(split_gradient, whole_gradient, rtol=1e-4, atol=1e-5 * scale)
+    assert split.keys() <= whole.keys()
+    for key, value in split.items():
+        assert value == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key

@@ -91,6 +91,15 @@ def make_transitions(trajectories: Trajectories, rows: Tensor, steps: Tensor) ->
     )
 
 
+#: the key of the methods whose loss is a mean over transitions, for backpropagating a minibatch in pieces
+TRANSITIONS_PER_BACKWARD = Field(
+    None, ge=1,
+    description="backpropagate the minibatch's trained transitions in pieces of this many (the same gradient; only "
+                "one piece's graph is alive at once, so the update's memory stops growing with the batch); "
+                "default: all at once",
+)
+
+
 def transition_pieces(count: int, size: int | None) -> list[slice]:
     """``count`` transitions in consecutive pieces of at most ``size`` (None: one piece)."""
     size = count if size is None else size
@@ -154,10 +163,19 @@ class Method:
 
         Default: each trajectory's own draw of subsampled transitions (``config.subsample``) → ``loss``.
         Methods that sample their own chains (ReFL, DRaFT, …) or use whole trajectories override this."""
+        return summed_pieces(self.transition_loss_pieces(trajectories, generator, None))
+
+    def transition_loss_pieces(self, trajectories: Trajectories, generator: torch.Generator,
+                               size: int | None) -> Iterator[tuple[Tensor, dict[str, float]]]:
+        """``loss`` on consecutive pieces of at most ``size`` of the minibatch's subsampled transitions, each loss and
+        metric weighted by the piece's share of them: ``loss_pieces`` for a loss that is a mean over transitions."""
         subsample = self.config.subsample
         rows, steps = subsample_steps(len(trajectories), self.kernel.num_steps, subsample.kind, subsample.fraction,
                                       generator)
-        return self.loss(make_transitions(trajectories, rows, steps), generator)
+        for piece in transition_pieces(len(rows), size):
+            share = (piece.stop - piece.start) / len(rows)
+            loss, metrics = self.loss(make_transitions(trajectories, rows[piece], steps[piece]), generator)
+            yield share * loss, {key: share * value for key, value in metrics.items()}
 
     def loss_pieces(self, trajectories: Trajectories,
                     generator: torch.Generator) -> Iterator[tuple[Tensor, dict[str, float]]]:

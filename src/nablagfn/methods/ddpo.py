@@ -36,15 +36,7 @@ from torch import Tensor, nn
 
 from ..config_base import StrictConfig
 from ..mdp.rollout import Trajectories
-from .base import Method, SubsampleConfig, subsample_steps, summed_pieces, transition_pieces
-
-#: the policy-gradient methods' key for backpropagating a minibatch in pieces (DDPO, Flow-GRPO)
-TRANSITIONS_PER_BACKWARD = Field(
-    None, ge=1,
-    description="backpropagate the minibatch's trained transitions in pieces of this many (the same gradient; only "
-                "one piece's graph is alive); the minibatch size gives as many model passes per backward as the "
-                "reference DDPO code's one timestep at a time; default: all at once",
-)
+from .base import TRANSITIONS_PER_BACKWARD, Method, SubsampleConfig, subsample_steps, summed_pieces, transition_pieces
 
 
 class DDPOConfig(StrictConfig):

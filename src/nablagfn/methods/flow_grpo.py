@@ -33,8 +33,8 @@ from torch import Tensor
 from ..config_base import StrictConfig
 from ..mdp.rollout import Trajectories
 from ..mdp.shapes import per_sample
-from .base import Method, SubsampleConfig, batch_mean, summed_pieces, transition_pieces
-from .ddpo import TRANSITIONS_PER_BACKWARD, ppo_clipped_loss, sampled_transitions
+from .base import TRANSITIONS_PER_BACKWARD, Method, SubsampleConfig, batch_mean, summed_pieces, transition_pieces
+from .ddpo import ppo_clipped_loss, sampled_transitions
 
 
 class FlowGRPOConfig(StrictConfig):

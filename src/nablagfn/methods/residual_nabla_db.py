@@ -41,7 +41,7 @@ the policy implies against it per band of steps (``flow_error/kLO-HI``, ``policy
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Literal
 
@@ -52,8 +52,16 @@ from torch import Tensor, nn
 from ..config_base import StrictConfig
 from ..mdp.flow import FlowMatchKernel
 from ..mdp.memoryless import memoryless_problem
+from ..mdp.rollout import Trajectories
 from ..mdp.shapes import per_sample
-from .base import Method, RewardSmoothingConfig, SubsampleConfig, TransitionBatch, batch_mean
+from .base import (
+    TRANSITIONS_PER_BACKWARD,
+    Method,
+    RewardSmoothingConfig,
+    SubsampleConfig,
+    TransitionBatch,
+    batch_mean,
+)
 
 
 class _GradientFlowConfig(StrictConfig):
@@ -71,6 +79,7 @@ class _GradientFlowConfig(StrictConfig):
     output_reg: float = Field(0.0, ge=0)
     subsample: SubsampleConfig = Field(default_factory=SubsampleConfig)
     reward_smoothing: RewardSmoothingConfig = Field(default_factory=RewardSmoothingConfig)
+    transitions_per_backward: int | None = TRANSITIONS_PER_BACKWARD
 
 
 class ResidualNablaDBConfig(_GradientFlowConfig):
@@ -216,6 +225,17 @@ class ResidualNablaDB(Method):
         """g_φ(x_k), the learned part of eq. 15; eq. 18 drives it to zero at final states, and the forward
         loss of the last transition uses β ∇ log R(x_K) alone."""
         return self.flow_score_net(x, self.kernel.timestep_of_state(state_index), cond)
+
+    def loss_pieces(self, trajectories: Trajectories,
+                    generator: torch.Generator) -> Iterator[tuple[Tensor, dict[str, float]]]:
+        """Eq. 19 over pieces of ``transitions_per_backward`` transitions (each piece's terminal loss over the
+        minibatch's final states, weighted by its share). With pieces the ``flow_error``/``policy_error``
+        diagnostics, ratios over bands of steps that pieces cannot add up, are not logged."""
+        size = self.config.transitions_per_backward
+        for loss, metrics in self.transition_loss_pieces(trajectories, generator, size):
+            yield loss, metrics if size is None else {
+                key: value for key, value in metrics.items() if not key.startswith(("flow_error/", "policy_error/"))
+            }
 
     def loss(self, batch: TransitionBatch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         cfg, kernel, backend = self.config, self.kernel, self.backend
