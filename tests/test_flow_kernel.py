@@ -434,3 +434,22 @@ def test_marginal_test_rejects_an_sde_without_the_score_correction(name):
     broken.eps_coef = broken.sigma_next - broken.sigma
     tv = mode_weight_tv(_sample(broken, mixture, seed=0), reference, mixture)
     assert tv > _limit(floor) + 0.02, f"mode TV {tv:.4f} vs two-sample floor {floor:.4f}"
+
+
+@pytest.mark.parametrize("image_tokens,steps", [(4096, 28), (1024, 10)])
+def test_a_dynamic_shift_gives_fluxpipelines_grid(image_tokens, steps):
+    """FLUX's scheduler shifts by μ (from the image's token count): the kernels built with ``mu`` take FluxPipeline's
+    sigmas and timesteps (its ``retrieve_timesteps`` on linspace(1, 1/K, K)), which differ from a fixed shift's."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    mu = calculate_shift(image_tokens, 256, 4096, 0.5, 1.15)
+    timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    for kernel_class in (FlowSDEKernel, FlowDDPMKernel):
+        k = kernel_class(steps, mu=mu)
+        torch.testing.assert_close(k.state_sigmas.float(), scheduler.sigmas, rtol=0, atol=0)
+        torch.testing.assert_close(k.state_timesteps[:-1], timesteps, rtol=0, atol=0)
+    assert not torch.allclose(FlowSDEKernel(steps, shift=math.exp(mu)).state_sigmas, FlowSDEKernel(steps, mu=mu).state_sigmas)

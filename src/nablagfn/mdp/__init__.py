@@ -23,7 +23,7 @@ def make_kernel(
 ) -> GaussianKernel:
     """Kernel by name for a model of ``parameterization`` (a schedule means ε-prediction under it): ``ddpm`` (DDIM
     with η, 1 by default), ``ddim`` (same) or ``dpm_solver`` for ε-models; ``flow_sde`` or ``flow_cps`` (with
-    ``noise_level``, and the model's shift) for flow models."""
+    ``noise_level``, and the model's shift or dynamic-shift μ) for flow models."""
     if isinstance(parameterization, NoiseSchedule):
         parameterization = EpsilonParameterization(parameterization)
     model_kind = parameterization.kind
@@ -40,9 +40,10 @@ def make_kernel(
     if kind == "dpm_solver":
         return SDEDPMSolverKernel(parameterization.schedule, steps)
     if kind == "flow_ddpm":
-        return FlowDDPMKernel(steps, parameterization.shift, parameterization.num_train_timesteps)
+        return FlowDDPMKernel(steps, parameterization.shift, parameterization.num_train_timesteps, parameterization.mu)
     flow_kernel = FlowSDEKernel if kind == "flow_sde" else FlowCPSKernel
-    return flow_kernel(steps, noise_level, parameterization.shift, parameterization.num_train_timesteps)
+    return flow_kernel(steps, noise_level, parameterization.shift, parameterization.num_train_timesteps,
+                       parameterization.mu)
 
 
 __all__ = [

@@ -15,7 +15,9 @@ a                   ``noise_level`` (Flow-GRPO's default 0.7)
 ==================  ===========================================================================================
 
 The grid (sigmas and timesteps, including the ``shift`` σ ↦ shift·σ/(1 + (shift − 1)·σ); SD3 uses 3) is taken from
-diffusers' scheduler after ``set_timesteps(num_steps)``, not re-derived.
+diffusers' scheduler after ``set_timesteps(num_steps)``, not re-derived. A model with dynamic shifting (FLUX) gives
+``mu`` instead: the grid is then FluxPipeline's, ``set_timesteps(sigmas=linspace(1, 1/K, K), mu=mu)`` (the
+exponential time shift, i.e. the shift above with shift = e^μ, on that grid).
 
 **Flow-SDE** (Flow-GRPO; same marginals as the probability-flow ODE dx = v dσ, first-order Euler–Maruyama)::
 
@@ -63,6 +65,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,19 +83,24 @@ class FlowMatchKernel(GaussianKernel):
     state_sigmas: Tensor  # float64, (K + 1,), state_sigmas[0] = 1, state_sigmas[-1] = 0
     state_timesteps: Tensor  # float32, (K + 1,), diffusers' timesteps (σ · num_train_timesteps) and a final 0
 
-    def __init__(self, num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000):
+    def __init__(self, num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000, mu: float | None = None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if num_steps < 1:
             raise ValueError(f"sampler.steps must be ≥ 1, got {num_steps}")
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
-        scheduler.set_timesteps(num_steps)
+        if mu is None:
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+            scheduler.set_timesteps(num_steps)
+        else:  # dynamic shifting, as FluxPipeline sets its scheduler
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps,
+                                                        use_dynamic_shifting=True)
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
         sigmas = scheduler.sigmas.to(torch.float64)
         if sigmas.shape != (num_steps + 1,) or float(sigmas[-1]) != 0.0 or not bool((sigmas.diff() < 0).all()):
             raise ValueError(f"unexpected sigma grid from diffusers for {num_steps} steps: {sigmas.tolist()}")
-        self.shift = float(shift)
+        self.shift, self.mu = float(shift), mu
         self.num_train_timesteps = num_train_timesteps
         self.state_sigmas = sigmas
         self.state_signal, self.state_noise = 1 - sigmas, sigmas
@@ -137,11 +145,12 @@ class FlowSDEKernel(FlowMatchKernel):
     name = "flow_sde"
 
     def __init__(
-        self, num_steps: int = 10, noise_level: float = 0.7, shift: float = 1.0, num_train_timesteps: int = 1000
+        self, num_steps: int = 10, noise_level: float = 0.7, shift: float = 1.0, num_train_timesteps: int = 1000,
+        mu: float | None = None,
     ):
         if not noise_level >= 0:
             raise ValueError(f"noise_level must be ≥ 0, got {noise_level}")
-        super().__init__(num_steps, shift, num_train_timesteps)
+        super().__init__(num_steps, shift, num_train_timesteps, mu)
         self.noise_level = float(noise_level)
         sigma, sigma_next = self.sigma, self.sigma_next
         dt = sigma_next - sigma
@@ -158,8 +167,9 @@ class FlowDDPMKernel(FlowMatchKernel):
 
     name = "flow_ddpm"
 
-    def __init__(self, num_steps: int = 50, shift: float = 1.0, num_train_timesteps: int = 1000):
-        super().__init__(num_steps, shift, num_train_timesteps)
+    def __init__(self, num_steps: int = 50, shift: float = 1.0, num_train_timesteps: int = 1000,
+                 mu: float | None = None):
+        super().__init__(num_steps, shift, num_train_timesteps, mu)
         sigma, sigma_next = self.sigma, self.sigma_next
         coef = (1 - sigma) / (1 - sigma_next)
         variance = sigma_next**2 * (sigma**2 - coef**2 * sigma_next**2) / sigma**2
@@ -181,11 +191,12 @@ class FlowCPSKernel(FlowMatchKernel):
     name = "flow_cps"
 
     def __init__(
-        self, num_steps: int = 10, noise_level: float = 0.7, shift: float = 1.0, num_train_timesteps: int = 1000
+        self, num_steps: int = 10, noise_level: float = 0.7, shift: float = 1.0, num_train_timesteps: int = 1000,
+        mu: float | None = None,
     ):
         if not 0 <= noise_level <= 1:
             raise ValueError(f"noise_level must be in [0, 1], got {noise_level}")
-        super().__init__(num_steps, shift, num_train_timesteps)
+        super().__init__(num_steps, shift, num_train_timesteps, mu)
         self.noise_level = float(noise_level)
         sigma, sigma_next = self.sigma, self.sigma_next
         std = sigma_next * math.sin(noise_level * math.pi / 2)

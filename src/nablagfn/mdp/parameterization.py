@@ -100,17 +100,19 @@ class EpsilonParameterization(Parameterization):
 class FlowParameterization(Parameterization):
     """Velocity prediction for the linear interpolant x_σ = (1 − σ) x₀ + σ ε, model time t = σ·T (float).
 
-    ``shift`` is the model's sampling shift (SD3: 3), which the flow kernels take from here; it does not change the
-    marginals.
+    ``shift`` is the model's sampling shift (SD3: 3), or ``mu`` its dynamic shift for the image size (FLUX,
+    ``diffusers.pipelines.flux.pipeline_flux.calculate_shift``), which the flow kernels take from here; neither changes
+    the marginals.
     """
 
     kind = "flow"
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, mu: float | None = None):
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         self.num_train_timesteps = num_train_timesteps
         self.shift = float(shift)
+        self.mu = mu
 
     def sigma(self, timestep: Tensor) -> Tensor:
         """σ = t / T, float64."""
