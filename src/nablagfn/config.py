@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 
 from .backends import BACKENDS
 from .backends.digits import DigitsModelConfig
+from .backends.flux import FluxModelConfig
 from .backends.gmm import GMMModelConfig, ScheduleConfig
 from .backends.prompts import PromptsConfig
 from .backends.stable_diffusion import StableDiffusionModelConfig
@@ -63,7 +64,7 @@ class RunConfig(StrictConfig):
     @model_validator(mode="after")
     def _compatible(self) -> "RunConfig":
         model, reward = self.model.kind, self.reward.kind
-        if model in ("stable_diffusion", "stable_diffusion_3") and self.model.dtype == "auto":
+        if model in PIPELINE_MODELS and self.model.dtype == "auto":
             from .backends.stable_diffusion import resolve_dtype
 
             self.model.dtype = resolve_dtype("auto", self.train.device)
@@ -126,6 +127,8 @@ class RunConfig(StrictConfig):
 
 
 VECTOR_REWARDS = ("gaussian", "linear")
+#: the diffusers pipeline models (images from prompts, LoRA, model.dtype)
+PIPELINE_MODELS = ("stable_diffusion", "stable_diffusion_3", "flux")
 #: methods whose default flow sampler is ``flow_ddpm``: their losses assume a memoryless chain (residual ∇-DB's and
 #: ∇-DB's ``tilted_score`` policy target, Adjoint Matching)
 FLOW_DDPM_METHODS = ("residual_nabla_db", "nabla_db", "adjoint_matching")
@@ -159,6 +162,7 @@ __all__ = [
     "DRaFTLVConfig",
     "DigitsModelConfig",
     "EvalConfig",
+    "FluxModelConfig",
     "FlowGRPOConfig",
     "GMMModelConfig",
     "GRAFTConfig",

@@ -136,7 +136,7 @@ DEFAULT_MODEL = "digits"
 
 #: the reward used when a config names a model but no reward kind
 DEFAULT_REWARD = {"gmm": "gaussian", "digits": "classifier", "stable_diffusion": "aesthetic",
-                  "stable_diffusion_3": "aesthetic"}
+                  "stable_diffusion_3": "aesthetic", "flux": "aesthetic"}
 
 
 #: defaults that depend on model.kind, applied beneath the user's own values (listed in docs/config.md)
@@ -191,8 +191,10 @@ MODEL_PRESETS["stable_diffusion_3"] = {
     "model": {"gradient_checkpointing": True},
     "train": {**MODEL_PRESETS["stable_diffusion"]["train"], "batch_size": 1, "accumulation": 32},
 }
-REWARD_PRESETS.update({("stable_diffusion_3", reward): preset for (model, reward), preset in REWARD_PRESETS.items()
-                       if model == "stable_diffusion"})
+# FLUX: SD3's preset (nothing published or run for FLUX by this project; its 12 B transformer needs more memory still)
+MODEL_PRESETS["flux"] = MODEL_PRESETS["stable_diffusion_3"]
+REWARD_PRESETS.update({(pipeline, reward): preset for (model, reward), preset in list(REWARD_PRESETS.items())
+                       if model == "stable_diffusion" for pipeline in ("stable_diffusion_3", "flux")})
 
 
 def _with_defaults(defaults: dict, tree: dict) -> dict:

@@ -1,4 +1,4 @@
-"""A finetuned Stable Diffusion (1.x/2.x or 3) run out to diffusers: the LoRA adapter, or a full pipeline with it fused.
+"""A finetuned Stable Diffusion (1.x/2.x or 3) or FLUX run out to diffusers: the LoRA adapter, or a full pipeline with it fused.
 
 ``export_lora(run_dir, out)`` writes ``pytorch_lora_weights.safetensors`` in the format the pipeline's
 ``load_lora_weights(out)`` reads (``StableDiffusionPipeline``: the UNet's peft keys converted as diffusers' own
@@ -24,7 +24,8 @@ from .train.run import Run, load_run
 #: the file diffusers' ``load_lora_weights`` looks for in a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"
 #: model.kind → the diffusers pipeline class its LoRA loads into
-PIPELINES = {"stable_diffusion": "StableDiffusionPipeline", "stable_diffusion_3": "StableDiffusion3Pipeline"}
+PIPELINES = {"stable_diffusion": "StableDiffusionPipeline", "stable_diffusion_3": "StableDiffusion3Pipeline",
+             "flux": "FluxPipeline"}
 
 
 def export_lora(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, merge: bool = False,
@@ -32,7 +33,7 @@ def export_lora(run_dir: str | Path, out: str | Path, checkpoint: str | Path | N
     """Write a run's LoRA (or, with ``merge``, the pipeline with it fused) to ``out`` for diffusers.
 
     Args:
-        run_dir: a Stable Diffusion (``stable_diffusion`` or ``stable_diffusion_3``) run directory.
+        run_dir: a ``stable_diffusion``, ``stable_diffusion_3`` or ``flux`` run directory.
         out: the directory to write (created; files of the same names are replaced).
         checkpoint: the checkpoint to export (default: the run's latest).
         merge: write a full pipeline with the LoRA fused instead of the adapter alone.
@@ -46,8 +47,8 @@ def export_lora(run_dir: str | Path, out: str | Path, checkpoint: str | Path | N
     if run is None:
         config = _read_config(run_dir)
         if config.get("model", {}).get("kind") not in PIPELINES:
-            raise ConfigError(f"{run_dir}: export writes a diffusers LoRA, which needs model.kind=stable_diffusion or "
-                              f"stable_diffusion_3 (this run has model.kind={config.get('model', {}).get('kind')})")
+            raise ConfigError(f"{run_dir}: export writes a diffusers LoRA, which needs model.kind=stable_diffusion, "
+                              f"stable_diffusion_3 or flux (this run has model.kind={config.get('model', {}).get('kind')})")
         run = _load_for_export(run_dir, checkpoint, config)
     from .backends.stable_diffusion import StableDiffusionBackend
     from .backends.stable_diffusion_3 import StableDiffusion3Backend
@@ -73,7 +74,7 @@ def save_adapter(run: Run, out: Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     pipeline = getattr(diffusers, PIPELINES[run.config.model.kind])
-    if run.config.model.kind == "stable_diffusion_3":  # peft keys, as diffusers' SD3 LoRA script saves them
+    if run.config.model.kind in ("stable_diffusion_3", "flux"):  # peft keys, as diffusers' SD3/FLUX LoRA scripts save them
         model, component = run.backend.transformer, "transformer"
         layers = get_peft_model_state_dict(model)
     else:
@@ -104,6 +105,10 @@ def _save_merged(run: Run, adapter_dir: Path, out: Path) -> None:
         from .backends.stable_diffusion_3 import load_pipeline
 
         pipe = load_pipeline(model.path, model.revision, torch.float32, model.t5)
+    elif model.kind == "flux":
+        from .backends.flux import load_pipeline as load_flux_pipeline
+
+        pipe = load_flux_pipeline(model.path, model.revision, torch.float32)
     else:
         try:
             pipe = diffusers.StableDiffusionPipeline.from_pretrained(model.path, revision=model.revision,

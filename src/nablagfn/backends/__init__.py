@@ -16,6 +16,7 @@ BACKENDS: dict[str, str] = {
     "digits": "digits:DigitsBackend",
     "stable_diffusion": "stable_diffusion:StableDiffusionBackend",
     "stable_diffusion_3": "stable_diffusion_3:StableDiffusion3Backend",
+    "flux": "flux:FluxBackend",
 }
 
 

@@ -137,7 +137,7 @@ class StableDiffusion3Backend(PipelineBackend):
     ):
         super().__init__()
         transformer, vae = pipeline.transformer, pipeline.vae
-        encoders = (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3)
+        encoders = (pipeline.text_encoder, pipeline.text_encoder_2, getattr(pipeline, "text_encoder_3", None))
         self._trainable = add_diffusers_lora(transformer, [transformer, vae, *(e for e in encoders if e is not None)],
                                              lora_rank, lora_alpha, lora_targets, "transformer")
         if gradient_checkpointing:
@@ -146,8 +146,8 @@ class StableDiffusion3Backend(PipelineBackend):
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = encoders  # submodules: they move with .to()
         self.pipeline = pipeline  # not a module: its encode_prompt, on the same encoders
-        where = str(getattr(pipeline, "name_or_path", None) or "the pipeline")
-        self._parameterization = flow_parameterization_of(dict(pipeline.scheduler.config), where)
+        self.sample_shape = self._latent_shape(pipeline)
+        self._parameterization = self._pipeline_parameterization(pipeline)
         self.prompt_table = prompt_table
         self.prompts = list(prompt_table.prompts)
         self.guidance_scale = guidance_scale
@@ -157,8 +157,6 @@ class StableDiffusion3Backend(PipelineBackend):
         self.gradient_checkpointing = gradient_checkpointing
         self.sample_batch_size = sample_batch_size
         self.reward_grad_batch_size = reward_grad_batch_size
-        size = transformer.config.sample_size
-        self.sample_shape = (transformer.config.in_channels, size, size)
         self._embedding_cache: dict[int, tuple[Tensor, Tensor]] = {}  # id → (tokens, dim), (pooled,); −1: negative
         self._adapter_enabled = True
 
@@ -209,6 +207,16 @@ class StableDiffusion3Backend(PipelineBackend):
     def parameterization(self) -> Parameterization:
         """Velocity prediction, t = σ·T, with the pipeline scheduler's T and shift."""
         return self._parameterization
+
+    def _latent_shape(self, pipeline) -> tuple[int, int, int]:
+        """(channels, side, side) of the latents: the transformer's ``in_channels`` and ``sample_size``."""
+        size = pipeline.transformer.config.sample_size
+        return (pipeline.transformer.config.in_channels, size, size)
+
+    def _pipeline_parameterization(self, pipeline) -> FlowParameterization:
+        """The velocity parameterization of the pipeline's scheduler (``flow_parameterization_of``)."""
+        where = str(getattr(pipeline, "name_or_path", None) or "the pipeline")
+        return flow_parameterization_of(dict(pipeline.scheduler.config), where)
 
     # -- text ------------------------------------------------------------------------
     @torch.no_grad()

@@ -283,7 +283,7 @@ def describe_run(config: RunConfig) -> str:
     model, method, train, sampler = config.model, config.method, config.train, config.sampler
     if model.kind == "gmm":
         where = f"{len(model.means)}-mode Gaussian mixture in {model.dim}-D"
-    elif model.kind in ("stable_diffusion", "stable_diffusion_3"):
+    elif model.kind in ("stable_diffusion", "stable_diffusion_3", "flux"):
         where = (f"{model.path} ({model.dtype} base weights, LoRA rank {model.lora_rank}, guidance "
                  f"{model.guidance_scale:g})")
     else:
