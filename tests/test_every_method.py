@@ -1,5 +1,5 @@
 """Every `method.name` trains through `nablagfn train` on every backend (Gaussian mixture as an ε-model and as a flow,
-digits, tiny Stable Diffusion) and writes a complete run directory: metrics with a finite loss, a checkpoint, figures."""
+digits, tiny Stable Diffusion, tiny FLUX) and writes a complete run directory: metrics with a finite loss, a checkpoint, figures."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 
 import pytest
 from conftest import SMALL_RUN
+from tiny_flux import RESOLUTION, save_tiny_flux
 from tiny_sd import save_tiny_sd
 
 from nablagfn.cli import main
@@ -22,12 +23,21 @@ BACKENDS = {
     "stable_diffusion": ["model.kind=stable_diffusion", "model.dtype=fp32", "model.flow_channels=[8,16]",
                          "reward.kind=brightness", "sampler.steps=3", "train.trajectories_per_epoch=2",
                          "train.batch_size=2", "train.eval_samples=2"],
+    "flux": ["model.kind=flux", "model.dtype=fp32", "model.flow_channels=[8,16]", f"model.resolution={RESOLUTION}",
+             "model.max_sequence_length=16", "model.gradient_checkpointing=false", "reward.kind=brightness",
+             "sampler.steps=3", "train.trajectories_per_epoch=2", "train.batch_size=2", "train.accumulation=1",
+             "train.eval_samples=2"],
 }
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "pipeline")
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    return save_tiny_flux(tmp_path_factory.mktemp("tiny_flux") / "pipeline")
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -38,6 +48,8 @@ def test_cli_train_every_method_on_every_backend(request, tmp_path, backend, nam
         overrides.append("method.group_size=2")  # groups must divide the small epochs
     if backend == "stable_diffusion":
         overrides.append(f"model.path={request.getfixturevalue('pipeline_dir')}")
+    if backend == "flux":
+        overrides.append(f"model.path={request.getfixturevalue('flux_dir')}")
     run_dir = tmp_path / "run"
     assert main(["train", "--out", str(run_dir), *overrides]) == 0
 
