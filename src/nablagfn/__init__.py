@@ -6,7 +6,7 @@ The command line (``nablagfn train …``) builds the same objects as this API fr
 The API, in the order one uses it:
 
 * **Models** (``Backend``): ``GaussianMixtureBackend.from_mixture(means, stds)`` (exact ground truth), ``DigitsBackend.pretrained()``,
-  ``StableDiffusionBackend.from_pipeline(pipe)`` (``StableDiffusion3Backend.from_pipeline(pipe)`` for SD3) for a
+  ``StableDiffusionBackend.from_pipeline(pipe)`` (``StableDiffusion3Backend`` for SD3, ``FluxBackend`` for FLUX) for a
   diffusers pipeline in memory, or ``build_backend(config)``.
 * **Rewards** (``Reward``): ``CallableReward(fn)`` for your own ``fn(images, prompts) -> log R``, the built-in
   ones through ``build_reward(config)`` (``AestheticRewardConfig``, ``HPSv2RewardConfig`` …).
@@ -21,6 +21,7 @@ Configs: ``RunConfig`` and its sections, ``load_config(path, overrides)``; every
 
 from .backends import Backend, GaussianMixture, GaussianMixtureBackend, build_backend
 from .backends.digits import DigitsBackend
+from .backends.flux import FluxBackend
 from .backends.stable_diffusion import StableDiffusionBackend
 from .backends.stable_diffusion_3 import StableDiffusion3Backend
 from .config import (
@@ -36,6 +37,7 @@ from .config import (
     DRaFTConfig,
     DRaFTLVConfig,
     EvalConfig,
+    FluxModelConfig,
     GaussianRewardConfig,
     GMMModelConfig,
     GRAFTConfig,
@@ -84,6 +86,8 @@ __all__ = [
     "DigitsBackend",
     "DigitsModelConfig",
     "EvalConfig",
+    "FluxBackend",
+    "FluxModelConfig",
     "GMMModelConfig",
     "GRAFTConfig",
     "GaussianMixture",
