@@ -56,3 +56,22 @@ def check_noising_kernel(noising, x, x_next, step, coef, variance) -> None:
     score_next, score_here = noising.scores(x, x_next, step)
     torch.testing.assert_close(score_next, grad_next)
     torch.testing.assert_close(score_here, grad_here)
+
+
+class Interrupted(Exception):
+    """Raised by ``interrupt_after``: a simulated crash."""
+
+
+def interrupt_after(trainer, update: int) -> None:
+    """Simulate a crash right after the training record of ``update`` is logged (the trainer has no stop hook).
+
+    Everything the trainer did after its last checkpoint (weights, optimiser moments, RNG draws, log lines)
+    must then be discarded or replayed by the resumed run."""
+    log = trainer._log
+
+    def log_then_maybe_stop(record):
+        log(record)
+        if record.get("update") == update and "loss" in record:
+            raise Interrupted
+
+    trainer._log = log_then_maybe_stop

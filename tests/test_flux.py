@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import Interrupted, interrupt_after
 from tiny_flux import RESOLUTION, save_tiny_flux
 
 from nablagfn.backends import build_backend
@@ -31,9 +32,6 @@ def overrides(pipeline_dir, *extra: str) -> list[str]:
             "model.gradient_checkpointing=false", "model.flow_channels=[8,16]", "model.max_sequence_length=16",
             "reward.kind=brightness", "sampler.steps=3", *extra]
 
-
-class Interrupted(Exception):
-    pass
 
 
 def perturb_lora(backend) -> None:
@@ -87,14 +85,7 @@ def test_residual_nabla_db_trains_and_resumes_exactly(pipeline_dir, tmp_path):
     assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
 
     stopped = Trainer.from_config(config, tmp_path / "b", progress=False)
-    log = stopped._log
-
-    def log_then_stop(record):
-        log(record)
-        if record.get("update") == 2 and "loss" in record:
-            raise Interrupted
-
-    stopped._log = log_then_stop
+    interrupt_after(stopped, 2)
     with pytest.raises(Interrupted):
         stopped.train(write_outputs=False)
     resumed = Trainer.from_config(config, tmp_path / "b", progress=False)

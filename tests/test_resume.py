@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TWO_UPDATES_PER_EPOCH
+from conftest import TWO_UPDATES_PER_EPOCH, Interrupted, interrupt_after
 
 from nablagfn.config_loading import load_config
 from nablagfn.train.checkpoint import list_checkpoints
@@ -15,31 +15,12 @@ from nablagfn.train.trainer import Trainer
 BASE = [*TWO_UPDATES_PER_EPOCH, "train.updates=6", "train.eval_every=100"]
 
 
-class Interrupted(Exception):
-    pass
-
-
 def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def training_records(run_dir):
     return [r for r in records(run_dir) if "loss" in r]
-
-
-def interrupt_after(trainer: Trainer, update: int) -> None:
-    """Simulate a crash right after the training record of ``update`` is logged (the trainer has no stop hook).
-
-    Everything the trainer did after its last checkpoint (weights, optimiser moments, RNG draws, log lines)
-    must then be discarded or replayed by the resumed run."""
-    log = trainer._log
-
-    def log_then_maybe_stop(record):
-        log(record)
-        if record.get("update") == update and "loss" in record:
-            raise Interrupted
-
-    trainer._log = log_then_maybe_stop
 
 
 def assert_same_state(a: Trainer, b: Trainer) -> None:

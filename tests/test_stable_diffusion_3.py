@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import Interrupted, interrupt_after
 from tiny_sd3 import (
     CLIP_DIMS,
     JOINT_DIM,
@@ -240,9 +241,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(pipeline_dir):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
 
 
-class Interrupted(Exception):
-    pass
-
 
 def train_records(run_dir) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -270,14 +268,7 @@ def test_residual_nabla_db_trains_and_resumes_exactly(pipeline_dir, tmp_path):
     assert any(not torch.equal(flow_before[k], flow_after[k]) for k in flow_before)
 
     stopped = Trainer.from_config(config, tmp_path / "b", progress=False)
-    log = stopped._log
-
-    def log_then_stop(record):
-        log(record)
-        if record.get("update") == 2 and "loss" in record:
-            raise Interrupted
-
-    stopped._log = log_then_stop
+    interrupt_after(stopped, 2)
     with pytest.raises(Interrupted):
         stopped.train(write_outputs=False)
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["update_0000001"]
