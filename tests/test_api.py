@@ -68,6 +68,21 @@ def test_mappings_get_the_model_presets_beneath_them(tmp_path):
     assert trainer.config.method.beta == 1.0  # the digits preset
 
 
+@pytest.mark.parametrize("train", [ng.TrainConfig(updates=1), {"updates": 1}])
+def test_config_objects_leave_the_model_dependent_defaults_to_a_flow_model(tmp_path, train):
+    """A SamplerConfig or method config that does not set ``sampler.kind`` or ``method.gamma`` gets the flow model's
+    (flow_ddpm, one), beside a mapping as beside config objects; what they set is kept."""
+    backend = ng.DigitsBackend.pretrained(parameterization="flow")
+    trainer = ng.Trainer(backend, ng.CallableReward(ink), ng.ResidualNablaDBConfig(beta=2.0),
+                         sampler=ng.SamplerConfig(steps=5), train=train, run_dir=tmp_path / "a", progress=False)
+    config = trainer.config
+    assert (config.sampler.kind, config.sampler.steps, config.method.gamma, config.method.beta) == (
+        "flow_ddpm", 5, "one", 2.0)
+    given = ng.Trainer(backend, ng.CallableReward(ink), ng.ResidualNablaDBConfig(gamma="alpha_bar", policy_target="detailed_balance"),
+                       sampler=ng.SamplerConfig(kind="flow_sde"), train=train, run_dir=tmp_path / "b", progress=False)
+    assert (given.config.sampler.kind, given.config.method.gamma) == ("flow_sde", "alpha_bar")
+
+
 def test_a_reward_without_gradients_is_refused_by_gradient_methods(tmp_path):
     reward = ng.CallableReward(ink, differentiable=False)
     with pytest.raises(ng.ConfigError, match="not differentiable"):

@@ -152,3 +152,23 @@ def test_config_presets_and_errors(pipeline_dir, tmp_path):
         build_backend(load_config(None, overrides(tmp_path / "half")).model)
     with pytest.raises(ConfigError, match=r"model\.path.*HF_HUB_OFFLINE"):
         build_backend(load_config(None, overrides("nobody/no-such-pipeline")).model)
+
+
+def test_example_flux_from_pipeline(pipeline_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(root / "examples" / "flux_from_pipeline.py"), "--pipeline",
+                             str(pipeline_dir), "--resolution", str(RESOLUTION), "--updates", "2", "--steps", "3",
+                             "--trajectories", "2", "--out", str(tmp_path / "run")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FluxPipeline with the exported LoRA: 2 images" in result.stdout
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["handed_over"] == ["model", "reward"] and saved["model"]["kind"] == "flux"

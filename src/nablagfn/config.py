@@ -126,6 +126,9 @@ class RunConfig(StrictConfig):
             self.method.gamma = "one"
 
 
+#: keys whose default depends on the model (``RunConfig._sampler_matches_model``, ``_gamma_matches_model``): a config
+#: object that does not set them leaves them to the model
+MODEL_DEPENDENT_KEYS = {"sampler": ("kind",), "method": ("gamma",)}
 VECTOR_REWARDS = ("gaussian", "linear")
 #: the diffusers pipeline models (images from prompts, LoRA, model.dtype)
 PIPELINE_MODELS = ("stable_diffusion", "stable_diffusion_3", "flux")

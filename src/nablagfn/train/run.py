@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
 from ..backends import Backend, GaussianMixtureBackend, build_backend
-from ..config import ConfigError, RunConfig
+from ..config import MODEL_DEPENDENT_KEYS, ConfigError, RunConfig
 from ..config_loading import format_validation_error, load_config, validate_config
 from ..eval.digits import digits_metrics
 from ..eval.features import FeatureExtractor, build_features
@@ -228,8 +228,11 @@ def compose_config(backend: Backend, reward: Reward, method, sampler=None, train
             raise ConfigError(format_validation_error(error)) from None
     tree: dict = {name: config.model_dump() for name, config in sections.items()}
     for name, value in given.items():
-        if value is not None:
-            tree[name] = value.model_dump() if isinstance(value, BaseModel) else dict(value)
+        if isinstance(value, BaseModel):  # as it is, but for the keys it leaves to the model
+            unset = set(MODEL_DEPENDENT_KEYS.get(name, ())) - value.model_fields_set
+            tree[name] = {key: item for key, item in value.model_dump().items() if key not in unset}
+        elif value is not None:
+            tree[name] = dict(value)
     tree["handed_over"] = handed_over
     return validate_config(tree)
 
