@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..loading import offline_hint, resolve_dir
+from ..loading import resolve_dir
 from ..mdp.parameterization import FlowParameterization
 from .prompts import PromptsConfig, PromptTable, build_prompt_table
 from .stable_diffusion import (
@@ -35,6 +35,7 @@ from .stable_diffusion import (
     StableDiffusionModelConfig,
     _is_hub_id,
     adapter_and_sampling_keywords,
+    pipeline_load_error,
     resolve_dtype,
 )
 from .stable_diffusion_3 import LORA_TARGETS, StableDiffusion3Backend
@@ -86,12 +87,7 @@ def load_pipeline(path: str, revision: str | None, dtype: torch.dtype):
             return FluxPipeline.from_pretrained(root, revision=revision if hub else None, torch_dtype=dtype,
                                                 use_safetensors=True)
     except (OSError, ValueError) as error:  # missing files or weights, offline, unknown hub repo or revision
-        where = f"is not available locally and {offline_hint()}" if hub else "could not be read"
-        raise ConfigError(
-            f"model.path: FLUX pipeline {path!r} {where} ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}). Download it "
-            f"(e.g. `hf download {path}`) and set model.path=/path/to/its/directory"
-        ) from None
+        raise pipeline_load_error("FLUX", path, hub, error) from None
 
 
 class FluxBackend(StableDiffusion3Backend):

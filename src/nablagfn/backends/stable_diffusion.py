@@ -87,6 +87,15 @@ PIPELINE_ENTRIES = ("model_index.json", "unet", "vae", "text_encoder", "tokenize
 ENCODE_BATCH = 64
 
 
+def pipeline_load_error(name: str, path: str, hub: bool, error: Exception) -> ConfigError:
+    """The one-line error, naming ``model.path``, for a ``name`` pipeline at ``path`` (a hub id if ``hub``) that could
+    not be loaded because of ``error``."""
+    where = f"is not available locally and {offline_hint()}" if hub else "could not be read"
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
+    return ConfigError(f"model.path: {name} pipeline {path!r} {where} ({type(error).__name__}: {detail}). Download "
+                       f"it (e.g. `hf download {path}`) and set model.path=/path/to/its/directory")
+
+
 def _is_hub_id(path: str) -> bool:
     return not Path(path).expanduser().exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1
 
@@ -310,12 +319,7 @@ class StableDiffusionBackend(PipelineBackend):
                                                          use_safetensors=True).to(dtype)
             tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", revision=revision)
         except OSError as error:  # missing files, offline, unknown hub repo or revision
-            where = f"is not available locally and {offline_hint()}" if hub else "could not be read"
-            raise ConfigError(
-                f"model.path: Stable Diffusion pipeline {config.path!r} {where} ({type(error).__name__}: "
-                f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}). Download it "
-                f"(e.g. `hf download {config.path}`) and set model.path=/path/to/its/directory"
-            ) from None
+            raise pipeline_load_error("Stable Diffusion", config.path, hub, error) from None
         return cls._from_parts(unet, vae, text_encoder, tokenizer, schedule, config, prompt_table)
 
     @classmethod

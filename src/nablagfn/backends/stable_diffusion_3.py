@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..loading import offline_hint, resolve_dir
+from ..loading import resolve_dir
 from ..mdp.parameterization import FlowParameterization, Parameterization
 from .lora import add_diffusers_lora
 from .prompts import PromptsConfig, PromptTable, build_prompt_table
@@ -37,6 +37,7 @@ from .stable_diffusion import (
     adapter_and_sampling_keywords,
     checkpoint_with_adapter_state,
     flow_score_unet,
+    pipeline_load_error,
     resolve_dtype,
 )
 
@@ -105,12 +106,7 @@ def load_pipeline(path: str, revision: str | None, dtype: torch.dtype, t5: bool 
             return StableDiffusion3Pipeline.from_pretrained(root, revision=revision, torch_dtype=dtype,
                                                             use_safetensors=True, **without_t5)
     except (OSError, ValueError) as error:  # missing files or weights, offline, unknown hub repo or revision
-        where = f"is not available locally and {offline_hint()}" if hub else "could not be read"
-        raise ConfigError(
-            f"model.path: Stable Diffusion 3 pipeline {path!r} {where} ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}). Download it "
-            f"(e.g. `hf download {path}`) and set model.path=/path/to/its/directory"
-        ) from None
+        raise pipeline_load_error("Stable Diffusion 3", path, hub, error) from None
 
 
 class StableDiffusion3Backend(PipelineBackend):

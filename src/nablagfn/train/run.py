@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
 from ..backends import Backend, GaussianMixtureBackend, build_backend
-from ..config import MODEL_DEPENDENT_KEYS, ConfigError, RunConfig
+from ..config import MODEL_DEPENDENT_KEYS, PIPELINE_MODELS, ConfigError, RunConfig
 from ..config_loading import format_validation_error, load_config, validate_config
 from ..eval.digits import digits_metrics
 from ..eval.features import FeatureExtractor, build_features
@@ -286,7 +286,7 @@ def describe_run(config: RunConfig) -> str:
     model, method, train, sampler = config.model, config.method, config.train, config.sampler
     if model.kind == "gmm":
         where = f"{len(model.means)}-mode Gaussian mixture in {model.dim}-D"
-    elif model.kind in ("stable_diffusion", "stable_diffusion_3", "flux"):
+    elif model.kind in PIPELINE_MODELS:
         where = (f"{model.path} ({model.dtype} base weights, LoRA rank {model.lora_rank}, guidance "
                  f"{model.guidance_scale:g})")
     else:
